@@ -1,0 +1,313 @@
+"""Robust PnP for scene-coordinate regression: prefilter, RANSAC, refinement, covariance.
+
+The localizer's last stage: 2D-3D correspondences (a pixel and the world
+point the regressor predicted for it) -> camera pose + 6x6 covariance, or a
+clear refusal when the evidence is too weak.
+
+Conventions (see ``frames.py``): pixels in the OpenCV convention (origin at
+the centre of the top-left pixel), OpenCV optical camera frame, world points
+in metres, ``T_world_cam`` the camera-to-world 4x4 transform. poselib works
+with the world-to-camera pose (``x_cam = R_cw X_world + t_cw``); the
+conversion happens in one place, ``_T_world_cam_from_poselib``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import poselib
+
+from aceg_model.frames import Intrinsics
+from aceg_model.geometry import invert, make_pose
+
+
+@dataclass(frozen=True)
+class PnPConfig:
+    """Prefilter, RANSAC and acceptance settings.
+
+    Defaults assume images of about 640x480 px (ACE's working resolution is
+    480 px high); scale the pixel values with the image size.
+    """
+
+    # ACE's RANSAC inlier threshold (10 px at 480 px height): regressed scene
+    # coordinates are noisier than keypoint matches, a tight 2-4 px would
+    # drop good correspondences.
+    threshold_px: float = 10.0
+    # poselib stops early once success_prob is reached (dynamic trial count);
+    # 10k iterations still find a pose at a ~10% inlier ratio with
+    # probability 1 - 1e-4 (P3P: (1 - 0.1^3)^1e4 = 4.5e-5), and bound the
+    # worst-case time of a refusal to ~0.2 s for 3000 correspondences.
+    min_iterations: int = 100
+    max_iterations: int = 10_000
+    # Refuse with fewer inliers. A wrong pose's chance inliers among random
+    # outliers are ~pi * 10^2 / (640 * 480) = 0.1% (2 of 2000); 100 also means
+    # >= 5% of the default top_k, enough for a covariance that is not
+    # dominated by a handful of points. Lower it for small images.
+    min_inliers: int = 100
+    # Off by default: the inlier count is the evidence, and the ratio depends
+    # on how many uncertain patches the caller passed. Useful with a fixed top_k.
+    min_inlier_ratio: float = 0.0
+    # Uncertainty prefilter (applied only when uncertainties are given):
+    # drop correspondences above max_uncertainty (the regressor's units;
+    # None = no threshold), then keep the top_k most certain (None = all).
+    # 2000 of the 60x80 = 4800 patches at stride 8 bounds RANSAC time and
+    # keeps the most certain ~40%.
+    max_uncertainty: float | None = None
+    top_k: int | None = 2000
+    # Floor on the residual standard deviation used for the covariance, so
+    # a perfect (noise-free) fit never claims a zero covariance.
+    sigma_floor_px: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.threshold_px) and self.threshold_px > 0):
+            raise ValueError(f"threshold_px must be > 0 px, got {self.threshold_px}")
+        if not 1 <= self.min_iterations <= self.max_iterations:
+            raise ValueError(
+                f"need 1 <= min_iterations <= max_iterations, got {self.min_iterations}, {self.max_iterations}"
+            )
+        if self.min_inliers < 4:
+            raise ValueError(f"min_inliers must be >= 4 (P3P + 1 check), got {self.min_inliers}")
+        if not 0.0 <= self.min_inlier_ratio <= 1.0:
+            raise ValueError(f"min_inlier_ratio must be in [0, 1], got {self.min_inlier_ratio}")
+        if self.max_uncertainty is not None and not self.max_uncertainty > 0:
+            raise ValueError(f"max_uncertainty must be > 0 or None, got {self.max_uncertainty}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if not (np.isfinite(self.sigma_floor_px) and self.sigma_floor_px > 0):
+            raise ValueError(f"sigma_floor_px must be > 0 px, got {self.sigma_floor_px}")
+
+
+@dataclass
+class PnPResult:
+    """Outcome of :func:`solve_pnp`.
+
+    ``reason`` is ``"ok"`` on success; refusals start with a stable phrase
+    ("non-finite input", "too few correspondences", "too few inliers",
+    "low inlier ratio", "degenerate geometry") followed by the numbers.
+    ``T_world_cam`` and ``covariance_66`` are None when refused.
+    ``inlier_mask`` has one entry per input row (rows dropped as non-finite
+    or by the prefilter are False). ``covariance_66``: see :func:`pose_covariance`.
+    """
+
+    success: bool
+    reason: str
+    T_world_cam: np.ndarray | None
+    covariance_66: np.ndarray | None
+    n_input: int
+    n_nonfinite: int
+    n_used: int  # reached RANSAC (finite and kept by the prefilter)
+    n_inliers: int
+    inlier_mask: np.ndarray
+    sigma_px: float = float("nan")  # residual std used for the covariance
+    ransac_iterations: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class DegenerateGeometryError(ValueError):
+    """The inliers do not constrain all six pose parameters."""
+
+
+def prefilter(
+    uncertainty_N: np.ndarray, max_uncertainty: float | None = None, top_k: int | None = None
+) -> np.ndarray:
+    """Indices (ascending) of the correspondences to keep, by uncertainty (lower = more certain).
+
+    Non-finite uncertainties are always dropped; then those above
+    ``max_uncertainty``; then all but the ``top_k`` most certain. Ties are
+    broken by index (stable sort), so the result is deterministic.
+    """
+    uncertainty_N = np.asarray(uncertainty_N, dtype=np.float64)
+    if uncertainty_N.ndim != 1:
+        raise ValueError(f"uncertainty_N must be 1-D, got shape {uncertainty_N.shape}")
+    keep = np.isfinite(uncertainty_N)
+    if max_uncertainty is not None:
+        keep &= uncertainty_N <= max_uncertainty
+    idx = np.flatnonzero(keep)
+    if top_k is not None and len(idx) > top_k:
+        order = np.argsort(uncertainty_N[idx], kind="stable")
+        idx = np.sort(idx[order[:top_k]])
+    return idx
+
+
+def _skew_N33(v_N3: np.ndarray) -> np.ndarray:
+    S_N33 = np.zeros((len(v_N3), 3, 3))
+    S_N33[:, 0, 1], S_N33[:, 0, 2] = -v_N3[:, 2], v_N3[:, 1]
+    S_N33[:, 1, 0], S_N33[:, 1, 2] = v_N3[:, 2], -v_N3[:, 0]
+    S_N33[:, 2, 0], S_N33[:, 2, 1] = -v_N3[:, 1], v_N3[:, 0]
+    return S_N33
+
+
+def _project(
+    T_world_cam: np.ndarray, points_world_N3: np.ndarray, intrinsics: Intrinsics
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels_N2, points_cam_N3) of world points seen from ``T_world_cam``."""
+    T_cam_world = invert(T_world_cam)
+    points_cam_N3 = points_world_N3 @ T_cam_world[:3, :3].T + T_cam_world[:3, 3]
+    z_N = points_cam_N3[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pixels_N2 = np.stack(
+            [intrinsics.fx * points_cam_N3[:, 0] / z_N + intrinsics.cx,
+             intrinsics.fy * points_cam_N3[:, 1] / z_N + intrinsics.cy], axis=1
+        )
+    return pixels_N2, points_cam_N3
+
+
+def pose_covariance(
+    T_world_cam: np.ndarray,
+    points_world_N3: np.ndarray,
+    pixels_N2: np.ndarray,
+    intrinsics: Intrinsics,
+    sigma_floor_px: float = 0.5,
+) -> tuple[np.ndarray, float]:
+    """First-order 6x6 covariance of a camera pose fitted to inlier correspondences.
+
+    Parameterization (ROS ``geometry_msgs/PoseWithCovariance``, REP 103):
+    row-major order ``(x, y, z, rot X, rot Y, rot Z)`` of the camera pose in
+    the world frame; the true pose is ``p + dp`` and ``exp([dtheta]x) R_world_cam``,
+    i.e. ``dp`` (m) is an error of the camera centre along the world axes and
+    ``dtheta`` (rad) a small rotation vector about the *fixed world* axes
+    (left perturbation, ROS's "fixed-axis representation"). Units m², m·rad, rad².
+
+    Method: J (2N x 6), the pixel residuals' Jacobian w.r.t. the same
+    perturbation expressed along the camera axes (``dp_c = R_cw dp``,
+    ``dtheta_c = R_cw dtheta``, where the Jacobian is simplest), gives
+    ``cov_cam = sigma² (JᵀJ)⁻¹``; sigma² = sum(r²) / (2N - 6), floored at
+    ``sigma_floor_px²``. Then ``cov = A cov_cam Aᵀ`` with ``A = diag(R_wc, R_wc)``.
+    Returns (cov_66, sigma_px); raises :class:`DegenerateGeometryError` when
+    the inliers leave a direction unconstrained (e.g. collinear points).
+    """
+    if len(points_world_N3) < 3:
+        raise DegenerateGeometryError(f"degenerate geometry: {len(points_world_N3)} points cannot fix 6 DoF")
+    proj_N2, points_cam_N3 = _project(T_world_cam, points_world_N3, intrinsics)
+    x_N, y_N, z_N = points_cam_N3.T
+    if np.any(z_N <= 0):
+        raise DegenerateGeometryError("degenerate geometry: inlier points behind the camera")
+    # d(pixel)/d(point in camera): 2x3 per point
+    dpi_N23 = np.zeros((len(z_N), 2, 3))
+    dpi_N23[:, 0, 0] = intrinsics.fx / z_N
+    dpi_N23[:, 0, 2] = -intrinsics.fx * x_N / z_N**2
+    dpi_N23[:, 1, 1] = intrinsics.fy / z_N
+    dpi_N23[:, 1, 2] = -intrinsics.fy * y_N / z_N**2
+    # d(point in camera)/d(dp_c, dtheta_c) = [-I, [X_cam]x]
+    dX_N36 = np.concatenate([np.broadcast_to(-np.eye(3), (len(z_N), 3, 3)), _skew_N33(points_cam_N3)], axis=2)
+    J_2N6 = (dpi_N23 @ dX_N36).reshape(-1, 6)
+    H_66 = J_2N6.T @ J_2N6
+
+    # Degeneracy test on the unit-free (correlation-scaled) normal matrix.
+    d_6 = np.sqrt(np.diag(H_66))
+    if not np.all(d_6 > 0):
+        raise DegenerateGeometryError("degenerate geometry: a pose parameter does not move any pixel")
+    eig_6 = np.linalg.eigvalsh(H_66 / np.outer(d_6, d_6))
+    if eig_6[0] < 1e-9 * eig_6[-1]:
+        raise DegenerateGeometryError(
+            f"degenerate geometry: a pose direction is unconstrained (eigenvalue ratio {eig_6[0] / eig_6[-1]:.1e})"
+        )
+
+    residuals_2N = (proj_N2 - pixels_N2).reshape(-1)
+    sigma2 = max(float(residuals_2N @ residuals_2N) / max(len(residuals_2N) - 6, 1), sigma_floor_px**2)
+    cov_cam_66 = sigma2 * np.linalg.inv(H_66)
+    A_66 = np.kron(np.eye(2), T_world_cam[:3, :3])
+    cov_66 = A_66 @ cov_cam_66 @ A_66.T
+    return 0.5 * (cov_66 + cov_66.T), float(np.sqrt(sigma2))
+
+
+def _T_world_cam_from_poselib(pose: poselib.CameraPose) -> np.ndarray:
+    # poselib's pose is world-to-camera: x_cam = R X_world + t.
+    return invert(make_pose(np.asarray(pose.R), np.asarray(pose.t)))
+
+
+def _refuse(reason: str, n_input: int, **kw) -> PnPResult:
+    defaults = dict(n_nonfinite=0, n_used=0, n_inliers=0, inlier_mask=np.zeros(n_input, dtype=bool))
+    defaults.update(kw)
+    return PnPResult(False, reason, None, None, n_input, **defaults)
+
+
+def solve_pnp(
+    points_world_N3: np.ndarray,
+    pixels_N2: np.ndarray,
+    intrinsics: Intrinsics,
+    config: PnPConfig | None = None,
+    uncertainty_N: np.ndarray | None = None,
+) -> PnPResult:
+    """Camera pose (``T_world_cam``) and covariance from 2D-3D correspondences.
+
+    ``points_world_N3``: world points in metres; ``pixels_N2``: where they
+    are seen, in pixels (OpenCV convention); ``uncertainty_N``: optional
+    per-correspondence uncertainty for the prefilter (lower = more certain).
+    Rows with NaN/inf anywhere are dropped and counted. Pipeline: prefilter,
+    poselib LO-RANSAC (P3P) + non-linear refinement on the inliers (Cauchy
+    loss, scale threshold/2 px), inliers recounted with the refined pose,
+    acceptance tests, covariance (:func:`pose_covariance`). Shape errors raise
+    ``ValueError``; weak evidence returns ``success=False`` with a reason.
+    """
+    config = config or PnPConfig()
+    points_world_N3 = np.asarray(points_world_N3, dtype=np.float64)
+    pixels_N2 = np.asarray(pixels_N2, dtype=np.float64)
+    if points_world_N3.ndim != 2 or points_world_N3.shape[1] != 3:
+        raise ValueError(f"points_world_N3 must have shape (N, 3), got {points_world_N3.shape}")
+    n_input = len(points_world_N3)
+    if pixels_N2.shape != (n_input, 2):
+        raise ValueError(f"pixels_N2 must have shape ({n_input}, 2), got {pixels_N2.shape}")
+    finite_N = np.isfinite(points_world_N3).all(axis=1) & np.isfinite(pixels_N2).all(axis=1)
+    if uncertainty_N is not None:
+        uncertainty_N = np.asarray(uncertainty_N, dtype=np.float64)
+        if uncertainty_N.shape != (n_input,):
+            raise ValueError(f"uncertainty_N must have shape ({n_input},), got {uncertainty_N.shape}")
+        finite_N &= np.isfinite(uncertainty_N)
+    n_nonfinite = int(n_input - finite_N.sum())
+    if n_input > 0 and n_nonfinite == n_input:
+        return _refuse(f"non-finite input: all {n_input} correspondences have NaN/inf", n_input,
+                       n_nonfinite=n_nonfinite)
+
+    # Prefilter by uncertainty (only among finite rows).
+    t0 = time.perf_counter()
+    used_idx = np.flatnonzero(finite_N)
+    if uncertainty_N is not None:
+        used_idx = used_idx[prefilter(uncertainty_N[used_idx], config.max_uncertainty, config.top_k)]
+    timings_ms = {"prefilter": (time.perf_counter() - t0) * 1e3}
+    n_used = len(used_idx)
+    counts = dict(n_nonfinite=n_nonfinite, n_used=n_used, timings_ms=timings_ms)
+    if n_used < config.min_inliers:
+        return _refuse(
+            f"too few correspondences: {n_used} usable of {n_input} ({n_nonfinite} non-finite), "
+            f"need >= min_inliers={config.min_inliers}", n_input, **counts)
+
+    # RANSAC + refinement; thresholds and loss scale are in pixels for poselib's Camera API.
+    t0 = time.perf_counter()
+    camera = poselib.Camera("PINHOLE", [intrinsics.fx, intrinsics.fy, intrinsics.cx, intrinsics.cy],
+                            intrinsics.width, intrinsics.height)
+    ransac_opt = {"max_reproj_error": config.threshold_px, "min_iterations": config.min_iterations,
+                  "max_iterations": config.max_iterations, "seed": config.seed}
+    bundle_opt = {"loss_type": "CAUCHY", "loss_scale": 0.5 * config.threshold_px}
+    pose, info = poselib.estimate_absolute_pose(
+        pixels_N2[used_idx], points_world_N3[used_idx], camera, ransac_opt, bundle_opt)
+    timings_ms["ransac"] = (time.perf_counter() - t0) * 1e3
+    counts["ransac_iterations"] = int(info["iterations"])
+
+    # Recount inliers with the refined pose (in front of the camera, within threshold).
+    T_world_cam = _T_world_cam_from_poselib(pose)
+    proj_U2, points_cam_U3 = _project(T_world_cam, points_world_N3[used_idx], intrinsics)
+    with np.errstate(invalid="ignore"):
+        err_U = np.linalg.norm(proj_U2 - pixels_N2[used_idx], axis=1)
+        inlier_U = (points_cam_U3[:, 2] > 0) & (err_U < config.threshold_px)
+    inlier_mask = np.zeros(n_input, dtype=bool)
+    inlier_mask[used_idx[inlier_U]] = True
+    n_inliers = int(inlier_U.sum())
+    counts.update(n_inliers=n_inliers, inlier_mask=inlier_mask)
+    if n_inliers < config.min_inliers:
+        return _refuse(f"too few inliers: {n_inliers} < min_inliers={config.min_inliers} "
+                       f"(of {n_used} used, {config.threshold_px:g} px threshold)", n_input, **counts)
+    if n_inliers < config.min_inlier_ratio * n_used:
+        return _refuse(f"low inlier ratio: {n_inliers / n_used:.3f} < min_inlier_ratio="
+                       f"{config.min_inlier_ratio:g} ({n_inliers} of {n_used})", n_input, **counts)
+
+    t0 = time.perf_counter()
+    try:
+        cov_66, sigma_px = pose_covariance(T_world_cam, points_world_N3[inlier_mask], pixels_N2[inlier_mask],
+                                           intrinsics, config.sigma_floor_px)
+    except DegenerateGeometryError as exc:
+        return _refuse(f"{exc} ({n_inliers} inliers)", n_input, **counts)
+    timings_ms["covariance"] = (time.perf_counter() - t0) * 1e3
+    return PnPResult(True, "ok", T_world_cam, cov_66, n_input, sigma_px=sigma_px, **counts)

@@ -1,0 +1,83 @@
+"""Convolutional patch encoder: a grey image to one feature vector per 8x8 patch.
+
+The paper uses DINOv2; its weights cannot be fetched here, so this encoder is
+trained in our own pre-training (``aceg_model.pretrain``). It works on grey
+images normalized per image (zero mean, unit std) so global gain and offset
+changes of the query (darker, brighter, exposure) do not reach the features.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STRIDE = 8  # output stride in pixels; patch (i, j) covers pixels [8j, 8j+8) x [8i, 8i+8)
+
+
+@dataclass
+class EncoderConfig:
+    channels: tuple[int, ...] = (32, 64, 128, 128)  # stem, then one stride-2 stage each
+    n_res_blocks: int = 2  # at stride 8; they widen the receptive field cheaply
+    out_dim: int = 128
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        # A small last-layer init keeps each block close to identity at the start;
+        # FINDINGS.md: default init shrank activations until the features died.
+        nn.init.kaiming_normal_(self.conv1.weight, nonlinearity="relu")
+        nn.init.normal_(self.conv2.weight, std=1e-3)
+        nn.init.zeros_(self.conv1.bias)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class Encoder(nn.Module):
+    """``image_B1HW`` (grey, 0..1) -> ``feats_BDhw`` with h = H // 8, w = W // 8."""
+
+    def __init__(self, config: EncoderConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or EncoderConfig()
+        c = self.config.channels
+        layers: list[nn.Module] = [nn.Conv2d(1, c[0], 3, padding=1), nn.ReLU()]
+        for c_in, c_out in zip(c[:-1], c[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.ReLU()]
+        self.stem = nn.Sequential(*layers)
+        self.blocks = nn.Sequential(*[ResBlock(c[-1]) for _ in range(self.config.n_res_blocks)])
+        # No ReLU on the output: a final ReLU killed features in FINDINGS.md.
+        self.head = nn.Conv2d(c[-1], self.config.out_dim, 1)
+        for m in self.stem:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def normalize(image_B1HW: torch.Tensor) -> torch.Tensor:
+        """Per-image zero mean, unit std: invariance to global gain and offset."""
+        mean = image_B1HW.mean(dim=(1, 2, 3), keepdim=True)
+        std = image_B1HW.std(dim=(1, 2, 3), keepdim=True)
+        return (image_B1HW - mean) / (std + 1e-2)
+
+    def forward(self, image_B1HW: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = image_B1HW.shape
+        if H % STRIDE or W % STRIDE:
+            raise ValueError(f"image size must be a multiple of {STRIDE} px, got {W}x{H}")
+        x = self.stem(self.normalize(image_B1HW))
+        return self.head(self.blocks(x))  # B, D, H/8, W/8
+
+
+def patch_centres(h: int, w: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Pixel coordinates ``(u, v)`` of the centres of an h x w grid of patches, shape (h*w, 2).
+
+    Row-major like ``feats_BDhw.flatten(2)``; pixel centres are integers, so the
+    centre of the 8 pixels 0..7 is 3.5.
+    """
+    v, u = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    return torch.stack([u, v], dim=-1).reshape(-1, 2).float() * STRIDE + (STRIDE - 1) / 2.0

@@ -1,0 +1,68 @@
+"""Scene heads: what mapping optimizes for one scene, on top of frozen encoder features.
+
+- ``CodesHead`` (ACE-G): the pre-trained regressor, frozen, with the scene's
+  map codes as the only trainable tensor.
+- ``MlpHead`` (the ACE-style baseline): a per-scene MLP trained from scratch,
+  the same kind of head ACE uses, so both methods share encoder, data,
+  loss and budget and differ only in how the scene is represented.
+
+Both map ``feats_bF`` to ``coords_b3`` (metres, relative to the map centre)
+and ``log_sigma_b`` (log metres).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from aceg_model.regressor import Regressor
+
+
+class CodesHead(nn.Module):
+    method = "aceg"
+
+    def __init__(self, regressor: Regressor, codes_MD: torch.Tensor) -> None:
+        super().__init__()
+        self.regressor = regressor.requires_grad_(False)
+        self.codes = nn.Parameter(codes_MD.clone())
+
+    def scene_tensors(self) -> dict[str, torch.Tensor]:
+        # fp16 halves the file; codes pass through LayerNorm, which shrugs off the rounding.
+        return {"codes": self.codes.detach().to("cpu", torch.float16).contiguous()}
+
+    def load_scene_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.codes.copy_(tensors["codes"].float())
+
+    def forward(self, feats_bF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        coords_1b3, log_sigma_1b = self.regressor(feats_bF.unsqueeze(0), self.codes.unsqueeze(0))
+        return coords_1b3[0], log_sigma_1b[0]
+
+
+class MlpHead(nn.Module):
+    """ACE-style head: 3 hidden layers of 512 (FINDINGS.md's baseline), per scene, from scratch."""
+
+    method = "ace"
+
+    def __init__(self, feat_dim: int, hidden: int = 512, n_hidden: int = 3, coord_scale: float = 2.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = feat_dim
+        for _ in range(n_hidden):
+            layers += [nn.Linear(d, hidden), nn.ReLU()]
+            d = hidden
+        layers.append(nn.Linear(d, 4))
+        self.net = nn.Sequential(nn.LayerNorm(feat_dim), *layers)
+        self.coord_scale = coord_scale
+
+    def scene_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in self.state_dict().items()}
+
+    def load_scene_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict({k: v.float() for k, v in tensors.items()})
+
+    def forward(self, feats_bF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out_b4 = self.net(feats_bF)
+        log_sigma_b = (out_b4[:, 3] + math.log(0.1)).clamp(math.log(1e-3), math.log(10.0))
+        return out_b4[:, :3] * self.coord_scale, log_sigma_b

@@ -1,0 +1,78 @@
+"""Localization: one image in, a camera pose with covariance out (or a clear refusal).
+
+encode -> regress scene coordinates + uncertainty for every patch ->
+prefilter by uncertainty -> robust PnP (poselib RANSAC + refinement) ->
+6x6 covariance from the inliers (``aceg_model.pnp``).
+The network and the scene head stay on one device for the whole run.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from aceg_model.encoder import patch_centres
+from aceg_model.frames import Intrinsics
+from aceg_model.mapping import SceneMap
+from aceg_model.model import AcegModel, prepare_image
+from aceg_model.pnp import PnPConfig, solve_pnp
+
+
+@dataclass
+class LocalizationResult:
+    success: bool
+    reason: str  # why no pose, or "ok"
+    T_world_cam: np.ndarray | None  # camera-to-map, 4x4 metres
+    covariance_66: np.ndarray | None  # ROS order (x, y, z, rot x, rot y, rot z), m^2 / rad^2, map frame
+    n_inliers: int
+    n_correspondences: int
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Localizer:
+    """Holds a model and a scene map on one device and localizes images against them."""
+
+    def __init__(self, model: AcegModel, scene_map: SceneMap, pnp: PnPConfig | None = None) -> None:
+        self.model = model.eval()
+        self.scene_map = scene_map
+        self.pnp = pnp or PnPConfig()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @torch.inference_mode()
+    def regress(self, image: np.ndarray, intrinsics: Intrinsics) -> tuple[np.ndarray, np.ndarray, np.ndarray, Intrinsics, dict]:
+        """Scene coordinates (N x 3, map frame), log sigma (N), pixels (N x 2, original image) and timings."""
+        t0 = time.perf_counter()
+        image_1HW, K_work = prepare_image(image, intrinsics, self.model.config.image_height)
+        feats_1Dhw = self.model.encoder(image_1HW.unsqueeze(0).to(self.device))
+        self._sync()
+        t1 = time.perf_counter()
+        _, D, h, w = feats_1Dhw.shape
+        coords_P3, log_sigma_P = self.scene_map.predict(feats_1Dhw[0].flatten(1).T)
+        self._sync()
+        t2 = time.perf_counter()
+        # Patch centres back to original-image pixels (inverse of prepare_image's scaling).
+        pix_P2 = patch_centres(h, w).numpy().astype(np.float64)
+        sx, sy = K_work.width / intrinsics.width, K_work.height / intrinsics.height
+        pix_P2[:, 0] = (pix_P2[:, 0] + 0.5) / sx - 0.5
+        pix_P2[:, 1] = (pix_P2[:, 1] + 0.5) / sy - 0.5
+        timings = {"encoder": 1e3 * (t1 - t0), "regressor": 1e3 * (t2 - t1)}
+        return (coords_P3.float().cpu().numpy().astype(np.float64), log_sigma_P.float().cpu().numpy(),
+                pix_P2, K_work, timings)
+
+    def localize(self, image: np.ndarray, intrinsics: Intrinsics) -> LocalizationResult:
+        coords, log_sigma, pixels, _, timings = self.regress(image, intrinsics)
+        res = solve_pnp(coords, pixels, intrinsics, self.pnp, uncertainty_N=np.exp(log_sigma))
+        timings.update({f"pnp_{k}" if not k.startswith("pnp") else k: v for k, v in res.timings_ms.items()})
+        timings["total"] = sum(v for k, v in timings.items())
+        return LocalizationResult(res.success, res.reason, res.T_world_cam if res.success else None,
+                                  res.covariance_66 if res.success else None, int(res.n_inliers),
+                                  int(res.n_input), timings)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

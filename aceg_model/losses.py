@@ -1,0 +1,96 @@
+"""Losses: reprojection NLL for mapping, 3D NLL and dense correspondence for pre-training.
+
+Uncertainty convention: the regressor predicts ``log_sigma`` in metres, the
+scale of a Laplace distribution of the 3D error. Seen from a camera at depth
+z with focal f, it is ``f * sigma / z`` pixels, so the same number serves the
+3D loss (pre-training) and the reprojection loss (mapping).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ReprojectionLossConfig:
+    """ACE-style validity rules plus a robust, annealed Laplace NLL.
+
+    Predictions behind the camera (z < ``min_depth``), implausibly far
+    (z > ``max_depth``) or off by more than ``max_reproj_px`` are invalid: for
+    them the loss pulls the point towards ``target_depth`` along the pixel's
+    ray, which brings random initial predictions in front of the camera.
+    """
+
+    min_depth: float = 0.1  # m
+    max_depth: float = 100.0  # m
+    max_reproj_px: float = 1000.0  # px; larger errors are treated as invalid
+    target_depth: float = 3.0  # m; rooms, not streets (ACE uses 10 m)
+    robust_start_px: float = 50.0  # px; the robust scale anneals from here...
+    robust_end_px: float = 3.0  # ...to here over the mapping schedule
+    min_sigma_px: float = 0.5  # floor on the pixel scale so the NLL stays bounded
+
+
+def robust_scale(progress: float, cfg: ReprojectionLossConfig) -> float:
+    """Robust scale in px at ``progress`` in [0, 1]: a cosine from start to end."""
+    p = min(max(progress, 0.0), 1.0)
+    return cfg.robust_end_px + 0.5 * (cfg.robust_start_px - cfg.robust_end_px) * (1 + math.cos(math.pi * p))
+
+
+def reprojection_nll(
+    coords_world_b3: torch.Tensor,
+    log_sigma_b: torch.Tensor,
+    pixels_b2: torch.Tensor,
+    T_cam_world_b44: torch.Tensor,
+    K_b33: torch.Tensor,
+    progress: float,
+    cfg: ReprojectionLossConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean loss over patches and a few statistics (valid fraction, median error in px)."""
+    # World -> camera -> pixels, with the known mapping pose.
+    R, t = T_cam_world_b44[:, :3, :3], T_cam_world_b44[:, :3, 3]
+    p_cam_b3 = torch.einsum("bij,bj->bi", R, coords_world_b3) + t
+    z_b = p_cam_b3[:, 2]
+    uv_b2 = torch.einsum("bij,bj->bi", K_b33, p_cam_b3)[:, :2] / z_b.clamp(min=cfg.min_depth).unsqueeze(1)
+    err_b = (uv_b2 - pixels_b2).norm(dim=1)
+    valid_b = (z_b > cfg.min_depth) & (z_b < cfg.max_depth) & (err_b < cfg.max_reproj_px)
+
+    # Valid points: Laplace NLL of a robust (tanh-saturated) pixel error.
+    f_b = K_b33[:, 0, 0]
+    sigma_px_b = (f_b * log_sigma_b.exp() / z_b.clamp(min=cfg.min_depth)).clamp(min=cfg.min_sigma_px)
+    tau = robust_scale(progress, cfg)
+    robust_b = tau * torch.tanh(err_b / tau)
+    nll_b = robust_b / sigma_px_b + sigma_px_b.log()
+
+    # Invalid points: pull towards the ray point at target_depth (in camera coordinates).
+    ray_b3 = torch.linalg.solve(K_b33, F.pad(pixels_b2, (0, 1), value=1.0).unsqueeze(-1)).squeeze(-1)
+    target_cam_b3 = ray_b3 * cfg.target_depth
+    pull_b = (p_cam_b3 - target_cam_b3).abs().sum(dim=1)
+
+    loss_b = torch.where(valid_b, nll_b, pull_b)
+    stats = {
+        "valid": valid_b.float().mean().item(),
+        "median_px": err_b[valid_b].median().item() if valid_b.any() else float("nan"),
+    }
+    return loss_b.mean(), stats
+
+
+def coords_nll(coords_b3: torch.Tensor, log_sigma_b: torch.Tensor, gt_b3: torch.Tensor) -> torch.Tensor:
+    """Laplace NLL of the 3D error (metres); rows with non-finite ground truth are ignored."""
+    ok_b = torch.isfinite(gt_b3).all(dim=1)
+    if not ok_b.any():
+        return coords_b3.sum() * 0.0
+    err_b = (coords_b3[ok_b] - gt_b3[ok_b]).norm(dim=1)
+    log_sigma_b = log_sigma_b[ok_b]
+    return (err_b / log_sigma_b.exp() + log_sigma_b).mean()
+
+
+def info_nce(feats_a_nD: torch.Tensor, feats_b_nD: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """Symmetric InfoNCE: row i of a matches row i of b; the other rows are negatives."""
+    a = F.normalize(feats_a_nD, dim=1)
+    b = F.normalize(feats_b_nD, dim=1)
+    logits = a @ b.T / temperature
+    labels = torch.arange(len(a), device=a.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))

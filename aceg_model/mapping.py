@@ -1,0 +1,211 @@
+"""Mapping a new scene: optimize a scene head alone from posed RGB images.
+
+For ACE-G the head is the frozen pre-trained regressor and the trainable part
+is the map codes (``heads.CodesHead``); for the ACE-style baseline it is a
+per-scene MLP (``heads.MlpHead``). The encoder is frozen. Features are
+computed once per image and cached; every iteration samples patches across
+all mapping images (patches are independent), regresses their scene
+coordinates and minimizes the reprojection NLL under the known mapping poses
+(``losses.reprojection_nll``). No depth is used.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from aceg_model.encoder import patch_centres
+from aceg_model.frames import Frame
+from aceg_model.geometry import invert
+from aceg_model.heads import CodesHead, MlpHead
+from aceg_model.losses import ReprojectionLossConfig, reprojection_nll
+from aceg_model.model import AcegModel, prepare_image
+
+MAP_KIND = "aceg-map"
+MIN_MAPPING_FRAMES = 3
+METHODS = ("aceg", "ace")
+
+Progress = Callable[[str, int, int, dict], None]
+
+
+@dataclass
+class MappingConfig:
+    method: str = "aceg"  # 'aceg' (map codes) or 'ace' (per-scene MLP baseline)
+    iterations: int = 1500  # FINDINGS.md: the mapping fit plateaued after ~1500 iterations
+    batch_patches: int = 4096
+    lr: float = 0.02  # Adam; codes are unit-variance and pass through LayerNorm
+    lr_ace: float = 1e-3  # the MLP baseline's Adam learning rate
+    lr_final_frac: float = 0.05  # cosine decay to this fraction
+    seed: int = 0
+    encode_batch: int = 8  # images per encoder call when caching features
+    loss: ReprojectionLossConfig = field(default_factory=ReprojectionLossConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.iterations <= 0 or self.batch_patches <= 0:
+            raise ValueError("iterations and batch_patches must be > 0")
+
+
+def make_head(model: AcegModel, method: str, seed: int = 0) -> torch.nn.Module:
+    """A fresh scene head of ``method`` on ``model``'s device (random codes / random MLP)."""
+    gen = torch.Generator().manual_seed(seed)
+    if method == "aceg":
+        head = CodesHead(model.regressor, model.regressor.init_codes(1, gen)[0])
+    elif method == "ace":
+        torch.manual_seed(seed)
+        head = MlpHead(model.config.encoder.out_dim, coord_scale=model.config.regressor.coord_scale)
+    else:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return head.to(model.device)
+
+
+@dataclass
+class SceneMap:
+    """A mapped scene: its head (codes or MLP) and the map centre (scene coords are relative to it)."""
+
+    head: torch.nn.Module
+    centre_3: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.head.method
+
+    def predict(self, feats_bF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scene coordinates in the map (world) frame and log sigma for patch features."""
+        coords_b3, log_sigma_b = self.head(feats_bF)
+        return coords_b3 + torch.as_tensor(self.centre_3, dtype=coords_b3.dtype, device=coords_b3.device), log_sigma_b
+
+    def save(self, path) -> None:
+        from aceg_model.safe_files import save_tensors
+
+        tensors = {f"head.{k}": v for k, v in self.head.scene_tensors().items()}
+        tensors["centre"] = torch.as_tensor(self.centre_3, dtype=torch.float64)
+        save_tensors(path, tensors, {**self.meta, "method": self.method}, kind=MAP_KIND)
+
+    @classmethod
+    def load(cls, path, model: AcegModel) -> "SceneMap":
+        """Load a map and check it was made with ``model`` (same hash, same tensor shapes)."""
+        from aceg_model.safe_files import read_meta, load_tensors
+
+        method = read_meta(path, kind=MAP_KIND).get("method")
+        if method not in METHODS:
+            raise ValueError(f"{path}: unknown map method {method!r}; expected one of {METHODS}")
+        head = make_head(model, method)
+        shapes = {f"head.{k}": tuple(v.shape) for k, v in head.scene_tensors().items()}
+        shapes["centre"] = (3,)
+        tensors, meta = load_tensors(path, kind=MAP_KIND, expected_shapes=shapes,
+                                     expected_meta={"model_hash": model.model_hash()})
+        head.load_scene_tensors({k[5:]: v.to(model.device) for k, v in tensors.items() if k.startswith("head.")})
+        return cls(head.eval(), tensors["centre"].numpy().astype(np.float64), meta)
+
+
+@dataclass
+class MappingReport:
+    method: str
+    n_frames: int
+    n_patches: int
+    iterations: int
+    final_loss: float
+    final_median_px: float
+    final_valid: float
+    seconds_encode: float
+    seconds_optimize: float
+
+
+@dataclass
+class FeatureCache:
+    """Per-patch features and geometry of all mapping images, computed once."""
+
+    feats_NF: torch.Tensor  # float16: half the memory, and the head's LayerNorm absorbs the rounding
+    pixels_N2: torch.Tensor  # working-resolution pixel centres
+    image_idx_N: torch.Tensor
+    T_cam_map_I44: torch.Tensor  # per image, relative to the map centre
+    K_I33: torch.Tensor
+
+
+@torch.inference_mode()
+def cache_features(model: AcegModel, frames: Sequence[Frame], centre_3: np.ndarray, batch: int = 8,
+                   progress: Progress | None = None) -> FeatureCache:
+    device = model.device
+    feats, pixels, idx, poses, Ks = [], [], [], [], []
+    T_world_map = np.eye(4)
+    T_world_map[:3, 3] = centre_3
+    for start in range(0, len(frames), batch):
+        chunk = [frames[i] for i in range(start, min(start + batch, len(frames)))]
+        prepared = [prepare_image(f.image, f.intrinsics, model.config.image_height) for f in chunk]
+        sizes = {tuple(img.shape) for img, _ in prepared}
+        if len(sizes) != 1:
+            raise ValueError(f"mapping images must share one size, got {sorted(sizes)}")
+        feats_BDhw = model.encoder(torch.stack([img for img, _ in prepared]).to(device))
+        B, D, h, w = feats_BDhw.shape
+        centres_P2 = patch_centres(h, w, device)
+        for i, (frame, (_, K)) in enumerate(zip(chunk, prepared)):
+            feats.append(feats_BDhw[i].flatten(1).T.half())
+            pixels.append(centres_P2)
+            idx.append(torch.full((h * w,), start + i, dtype=torch.long, device=device))
+            poses.append(invert(frame.T_world_cam) @ T_world_map)  # T_cam_map
+            Ks.append(K.K)
+        if progress:
+            progress("encode", start + len(chunk), len(frames), {})
+    return FeatureCache(
+        torch.cat(feats), torch.cat(pixels), torch.cat(idx),
+        torch.as_tensor(np.stack(poses), dtype=torch.float32, device=device),
+        torch.as_tensor(np.stack(Ks), dtype=torch.float32, device=device),
+    )
+
+
+def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig | None = None,
+              progress: Progress | None = None) -> tuple[SceneMap, MappingReport]:
+    """Fit a scene head to ``frames`` (posed RGB + intrinsics). ``progress(stage, done, total, stats)``."""
+    cfg = config or MappingConfig()
+    if len(frames) < MIN_MAPPING_FRAMES:
+        raise ValueError(f"mapping needs at least {MIN_MAPPING_FRAMES} posed frames, got {len(frames)}")
+    model.eval().requires_grad_(False)
+    # The map frame is the scene frame shifted to the mean camera centre, so the
+    # head works with room-sized offsets whatever the scene's origin.
+    centre_3 = np.mean([frames[i].T_world_cam[:3, 3] for i in range(len(frames))], axis=0)
+
+    t0 = time.perf_counter()
+    cache = cache_features(model, frames, centre_3, cfg.encode_batch, progress)
+    t_encode = time.perf_counter() - t0
+
+    head = make_head(model, cfg.method, cfg.seed).train()
+    params = [p for p in head.parameters() if p.requires_grad]
+    lr = cfg.lr if cfg.method == "aceg" else cfg.lr_ace
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations, eta_min=lr * cfg.lr_final_frac)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = len(cache.feats_NF)
+    loss_val, stats = float("nan"), {"valid": float("nan"), "median_px": float("nan")}
+    t1 = time.perf_counter()
+    for it in range(cfg.iterations):
+        sel = torch.randint(n, (min(cfg.batch_patches, n),), generator=gen).to(model.device)
+        img = cache.image_idx_N[sel]
+        coords_b3, log_sigma_b = head(cache.feats_NF[sel].float())
+        loss, stats = reprojection_nll(coords_b3, log_sigma_b, cache.pixels_N2[sel], cache.T_cam_map_I44[img],
+                                       cache.K_I33[img], it / cfg.iterations, cfg.loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_val = loss.item()
+        if progress and (it % 25 == 0 or it == cfg.iterations - 1):
+            progress("optimize", it + 1, cfg.iterations, {"loss": loss_val, **stats})
+    t_opt = time.perf_counter() - t1
+
+    report = MappingReport(cfg.method, len(frames), n, cfg.iterations, loss_val, stats["median_px"],
+                           stats["valid"], t_encode, t_opt)
+    meta = {
+        "model_hash": model.model_hash(),
+        "scene_frame": "map: the mapping poses' world frame; scene coords = centre + head output (m)",
+        "camera_convention": "OpenCV optical frame (x right, y down, z forward), T_world_cam camera-to-world",
+        "intrinsics": "pinhole, pixels, principal point at pixel-centre coordinates",
+        "mapping": asdict(cfg),
+        "report": asdict(report),
+    }
+    return SceneMap(head.eval(), centre_3, meta), report

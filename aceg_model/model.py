@@ -1,0 +1,100 @@
+"""The ACE-G network (encoder + regressor), image preparation, and its checkpoint file.
+
+A checkpoint is a safetensors file (``aceg_model.safe_files``) whose metadata
+carries the full ``ModelConfig``, so loading rebuilds the exact network.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from aceg_model.encoder import STRIDE, Encoder, EncoderConfig
+from aceg_model.frames import Intrinsics
+from aceg_model.regressor import Regressor, RegressorConfig
+
+MODEL_KIND = "aceg-model"
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    regressor: RegressorConfig = field(default_factory=RegressorConfig)
+    image_height: int = 240  # px; working resolution (ACE uses 480; 240 keeps a 2-core CPU fast)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        enc = dict(d["encoder"])
+        enc["channels"] = tuple(enc["channels"])
+        return cls(EncoderConfig(**enc), RegressorConfig(**d["regressor"]), int(d["image_height"]))
+
+
+class AcegModel(nn.Module):
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or ModelConfig()
+        if self.config.regressor.feat_dim != self.config.encoder.out_dim:
+            raise ValueError("regressor.feat_dim must equal encoder.out_dim")
+        self.encoder = Encoder(self.config.encoder)
+        self.regressor = Regressor(self.config.regressor)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def model_hash(self) -> str:
+        from aceg_model.safe_files import tensor_hash
+
+        return tensor_hash(self.state_dict())
+
+    def save(self, path, extra_meta: dict | None = None) -> None:
+        from aceg_model.safe_files import save_tensors
+
+        meta = {"config": asdict(self.config), "model_hash": self.model_hash(), **(extra_meta or {})}
+        save_tensors(path, {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, meta, kind=MODEL_KIND)
+
+    @classmethod
+    def load(cls, path, device: str | torch.device = "cpu") -> "AcegModel":
+        from aceg_model.safe_files import load_tensors, read_meta
+
+        meta = read_meta(path, kind=MODEL_KIND)
+        model = cls(ModelConfig.from_dict(meta["config"]))
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        tensors, meta = load_tensors(path, kind=MODEL_KIND, expected_shapes=shapes)
+        model.load_state_dict(tensors)
+        if model.model_hash() != meta["model_hash"]:
+            raise ValueError(f"{path}: model hash does not match its tensors (file altered?)")
+        return model.to(device).eval()
+
+
+def working_size(width: int, height: int, target_height: int) -> tuple[int, int]:
+    """(w, h) of the working image: height ``target_height``, aspect kept, both multiples of 8."""
+    h = max(STRIDE, round(target_height / STRIDE) * STRIDE)
+    w = max(STRIDE, round(width * h / height / STRIDE) * STRIDE)
+    return w, h
+
+
+def prepare_image(image: np.ndarray, intrinsics: Intrinsics, target_height: int) -> tuple[torch.Tensor, Intrinsics]:
+    """uint8 RGB/grey image -> grey ``image_1HW`` float in [0, 1] at working size, and matching intrinsics."""
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
+    w, h = working_size(grey.shape[1], grey.shape[0], target_height)
+    small = cv2.resize(grey, (w, h), interpolation=cv2.INTER_AREA)
+    sx, sy = w / grey.shape[1], h / grey.shape[0]
+    # Pixel centres are integers: x' + 0.5 = (x + 0.5) * s.
+    K = Intrinsics(intrinsics.fx * sx, intrinsics.fy * sy, (intrinsics.cx + 0.5) * sx - 0.5,
+                   (intrinsics.cy + 0.5) * sy - 0.5, w, h)
+    return torch.from_numpy(small).float().div_(255.0).unsqueeze(0), K
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA device; use 'auto' or 'cpu'")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    return torch.device(device)

@@ -63,7 +63,9 @@ class Encoder(nn.Module):
         """Per-image zero mean, unit std: invariance to global gain and offset."""
         mean = image_B1HW.mean(dim=(1, 2, 3), keepdim=True)
         std = image_B1HW.std(dim=(1, 2, 3), keepdim=True)
-        return (image_B1HW - mean) / (std + 1e-2)
+        # A floor (half a grey level) instead of an epsilon keeps gain invariance exact
+        # and stops a uniform frame's sensor noise being blown up.
+        return (image_B1HW - mean) / std.clamp(min=2e-3)
 
     def forward(self, image_B1HW: torch.Tensor) -> torch.Tensor:
         B, _, H, W = image_B1HW.shape

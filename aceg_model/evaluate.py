@@ -1,0 +1,144 @@
+"""``aceg-eval``: map a scene from its mapping frames, localize its query frames, report accuracy.
+
+Works on any layout ``aceg_model.datasets.open_dataset`` reads (redkitchen,
+7-Scenes, posed folders written by the scene generator, ...). With
+``--perturb`` the query images are also evaluated under standard photometric
+changes (darker, tinted, blurred) from ``aceg_model.scene.appearance``, to
+measure generalization without new data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from aceg_model.geometry import pose_error
+from aceg_model.localizer import Localizer
+from aceg_model.mapping import METHODS, MappingConfig, SceneMap, map_scene
+from aceg_model.metrics import accuracy_summary
+from aceg_model.model import AcegModel, pick_device
+from aceg_model.pnp import PnPConfig
+
+PERTURBATIONS = ("darker", "tinted", "blurred")
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "aceg_small.safetensors"
+
+
+def perturb(image: np.ndarray, name: str, seed: int) -> np.ndarray:
+    """The query image under a named photometric change (same change for every method)."""
+    from aceg_model.scene.appearance import PRESETS
+
+    return PRESETS[name].apply(image, np.random.default_rng(seed))
+
+
+def evaluate_queries(localizer: Localizer, queries, perturbation: str | None = None, desc: str = "localize") -> dict:
+    """Localize every query frame; metrics plus one record per frame."""
+    t_err, r_err, times, records = [], [], [], []
+    for i in tqdm(range(len(queries)), desc=desc, unit="frame", leave=False):
+        frame = queries[i]
+        image = frame.image if perturbation is None else perturb(frame.image, perturbation, seed=i)
+        res = localizer.localize(image, frame.intrinsics)
+        times.append(res.timings_ms["total"])
+        if res.success:
+            dt, dr = pose_error(res.T_world_cam, frame.T_world_cam)
+            t_err.append(dt), r_err.append(dr)
+        else:
+            t_err.append(None), r_err.append(None)
+        records.append({"name": frame.name, "success": res.success, "reason": res.reason,
+                        "n_inliers": res.n_inliers, "trans_err_cm": None if t_err[-1] is None else 100 * t_err[-1],
+                        "rot_err_deg": r_err[-1], "ms": res.timings_ms})
+    out = accuracy_summary(t_err, r_err)
+    out["localize_ms_mean"] = float(np.mean(times)) if times else float("nan")
+    out["frames"] = records
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Map with the mapping frames, localize the query frames, write JSON.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="dataset folder (redkitchen, 7-Scenes or posed-folder layout)")
+    p.add_argument("--kind", default="auto", help="dataset layout (see aceg_model.datasets.open_dataset)")
+    p.add_argument("--mapping-list", default="mapping", help="split name or list file of mapping frames")
+    p.add_argument("--query-list", default="query", help="split name or list file of query frames")
+    p.add_argument("--focal", type=float, default=None, help="colour focal length in px (redkitchen/7-Scenes: 525)")
+    p.add_argument("--intrinsics", type=Path, default=None, help="3x3 K text file overriding --focal")
+    p.add_argument("--method", choices=METHODS, default="aceg", help="ACE-G map codes or the ACE-style MLP baseline")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="pre-trained model (safetensors)")
+    p.add_argument("--map", type=Path, default=None, help="reuse this map file instead of mapping")
+    p.add_argument("--save-map", type=Path, default=None, help="write the map made here to this file")
+    p.add_argument("--iterations", type=int, default=MappingConfig.iterations, help="mapping iterations")
+    p.add_argument("--max-query", type=int, default=None, help="evaluate only every n-th query so at most this many")
+    p.add_argument("--perturb", nargs="*", choices=PERTURBATIONS, default=None,
+                   help="also evaluate under these photometric changes (none given: all)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--json", type=Path, required=True, help="output JSON path")
+    args = p.parse_args(argv)
+
+    from aceg_model.datasets import open_dataset
+
+    try:
+        device = pick_device(args.device)
+        kw = {}
+        if args.focal is not None:
+            kw["focal"] = args.focal
+        if args.intrinsics is not None:
+            kw["intrinsics_file"] = args.intrinsics
+        split = lambda s: Path(s) if Path(s).is_file() else s  # noqa: E731
+        mapping = open_dataset(args.data, args.kind, split(args.mapping_list), **kw)
+        queries = open_dataset(args.data, args.kind, split(args.query_list), **kw)
+        model = AcegModel.load(args.model, device) if args.model.exists() else None
+        if model is None:
+            raise ValueError(f"model file {args.model} not found; pre-train one with aceg-pretrain or pass --model")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"aceg-eval: {e}", file=sys.stderr)
+        return 2
+    if args.max_query and len(queries) > args.max_query:
+        step = int(np.ceil(len(queries) / args.max_query))
+        queries = [queries[i] for i in range(0, len(queries), step)]
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    if args.map:
+        scene_map = SceneMap.load(args.map, model)
+        mapping_seconds = 0.0
+    else:
+        bar = tqdm(total=args.iterations, desc=f"mapping ({args.method})", unit="it")
+
+        def progress(stage, done, total, stats):
+            if stage == "optimize":
+                bar.n = done
+                bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.3f}", px=f"{stats.get('median_px', float('nan')):.1f}")
+                bar.refresh()
+
+        scene_map, report = map_scene(model, mapping, MappingConfig(method=args.method, iterations=args.iterations), progress)
+        bar.close()
+        mapping_seconds = time.perf_counter() - t0
+        if args.save_map:
+            scene_map.save(args.save_map)
+    localizer = Localizer(model, scene_map, PnPConfig())
+    result = {"method": args.method, "data": str(args.data), "model": str(args.model), "device": str(device),
+              "n_mapping": len(mapping), "mapping_seconds": mapping_seconds}
+    result.update(evaluate_queries(localizer, queries))
+    if args.perturb is not None:
+        result["perturbed"] = {}
+        for name in args.perturb or PERTURBATIONS:
+            r = evaluate_queries(localizer, queries, name, desc=name)
+            result["perturbed"][name] = r
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    rows = [("as recorded", result)] + [(k, v) for k, v in result.get("perturbed", {}).items()]
+    print(f"{args.method}: mapping {mapping_seconds:.0f} s, {len(queries)} queries")
+    for name, r in rows:
+        print(f"  {name:12s} 5cm/5deg {r['pct_5cm_5deg']:5.1f}%  10cm/10deg {r['pct_10cm_10deg']:5.1f}%  "
+              f"median {r['median_trans_cm']:.1f} cm / {r['median_rot_deg']:.2f} deg  failed {r['n_failed']}  "
+              f"{r['localize_ms_mean']:.0f} ms/frame")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

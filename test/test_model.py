@@ -1,0 +1,136 @@
+"""The ACE-G network pieces, losses, mapping and map files (no trained model needed)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from aceg_model import Frame, Intrinsics
+from aceg_model.encoder import Encoder, patch_centres
+from aceg_model.geometry import invert, make_pose
+from aceg_model.losses import ReprojectionLossConfig, reprojection_nll
+from aceg_model.mapping import MappingConfig, SceneMap, map_scene
+from aceg_model.model import AcegModel, ModelConfig, prepare_image, working_size
+from aceg_model.regressor import RegressorConfig
+
+
+@pytest.fixture(scope="module")
+def model() -> AcegModel:
+    torch.manual_seed(0)
+    return AcegModel(ModelConfig(regressor=RegressorConfig(n_codes=64, n_layers=2))).eval()
+
+
+def test_patches_are_independent(model: AcegModel) -> None:
+    # A patch's prediction must not depend on which other patches share the batch.
+    feats = torch.randn(1, 50, model.config.regressor.feat_dim)
+    codes = model.regressor.init_codes(1)
+    with torch.no_grad():
+        full, _ = model.regressor(feats, codes)
+        part, _ = model.regressor(feats[:, 10:20], codes)
+    assert torch.allclose(full[0, 10:20], part[0], atol=1e-5)
+
+
+def test_codes_change_the_prediction(model: AcegModel) -> None:
+    feats = torch.randn(1, 20, model.config.regressor.feat_dim)
+    with torch.no_grad():
+        a, _ = model.regressor(feats, model.regressor.init_codes(1, torch.Generator().manual_seed(1)))
+        b, _ = model.regressor(feats, model.regressor.init_codes(1, torch.Generator().manual_seed(2)))
+    assert (a - b).abs().mean() > 1e-3
+
+
+def test_encoder_is_invariant_to_global_gain() -> None:
+    enc = Encoder().eval()
+    image = torch.rand(1, 1, 64, 80)
+    with torch.no_grad():
+        assert torch.allclose(enc(image), enc(image * 0.3), atol=1e-3)
+
+
+def test_patch_centres_follow_the_pixel_centre_convention() -> None:
+    c = patch_centres(2, 3)
+    assert c.shape == (6, 2)
+    assert c[0].tolist() == [3.5, 3.5] and c[4].tolist() == [11.5, 11.5]
+
+
+def test_prepare_image_scales_intrinsics_consistently() -> None:
+    K = Intrinsics(525.0, 520.0, 319.5, 239.5, 640, 480)
+    img, K2 = prepare_image(np.zeros((480, 640, 3), np.uint8), K, 240)
+    assert img.shape == (1, 240, 320) and working_size(640, 480, 240) == (320, 240)
+    # A 3D point projects to the same relative position in both images.
+    X = np.array([0.3, -0.2, 2.0])
+    uv = K.K @ X / X[2]
+    uv2 = K2.K @ X / X[2]
+    assert np.allclose((uv2[:2] + 0.5) * 2 - 0.5, uv[:2], atol=1e-9)
+
+
+def test_reprojection_loss_is_lowest_at_the_true_point_and_pulls_points_in_front() -> None:
+    cfg = ReprojectionLossConfig()
+    K = torch.tensor([[500.0, 0, 160], [0, 500.0, 120], [0, 0, 1]]).expand(4, 3, 3)
+    T = torch.eye(4).expand(4, 4, 4)
+    pix = torch.tensor([[100.0, 80], [200, 150], [160, 120], [10, 10]])
+    depth = torch.tensor([1.0, 2.0, 3.0, 1.5])
+    true = torch.cat([(pix - torch.tensor([160.0, 120])) / 500 * depth[:, None], depth[:, None]], 1)
+    log_sigma = torch.full((4,), -3.0)
+    exact, stats = reprojection_nll(true, log_sigma, pix, T, K, 1.0, cfg)
+    off, _ = reprojection_nll(true + torch.tensor([0.05, 0, 0]), log_sigma, pix, T, K, 1.0, cfg)
+    assert stats["valid"] == 1.0 and stats["median_px"] < 1e-3 and exact < off
+    # A point behind the camera is invalid and its gradient moves it forward (+z).
+    behind = torch.tensor([[0.0, 0.0, -1.0]], requires_grad=True)
+    loss, stats = reprojection_nll(behind, log_sigma[:1], pix[2:3], T[:1], K[:1], 0.0, cfg)
+    loss.backward()
+    assert stats["valid"] == 0.0 and behind.grad[0, 2] < 0
+
+
+def synthetic_frames(n: int, seed: int = 0) -> list[Frame]:
+    """Random textures seen by cameras on a small arc (enough to exercise mapping, not to localize)."""
+    rng = np.random.default_rng(seed)
+    K = Intrinsics.centred(120.0, 160, 120)
+    frames = []
+    for i in range(n):
+        a = 0.2 * i
+        R = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+        frames.append(Frame(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8), K,
+                            make_pose(R, [0.3 * i, 0.0, 5.0]), i / 30.0))
+    return frames
+
+
+@pytest.mark.parametrize("method", ["aceg", "ace"])
+def test_mapping_reduces_the_reprojection_loss(model: AcegModel, method: str) -> None:
+    frames = synthetic_frames(4)
+    short, _ = map_scene(model, frames, MappingConfig(method=method, iterations=2, batch_patches=512))
+    _, rep = map_scene(model, frames, MappingConfig(method=method, iterations=150, batch_patches=512))
+    first, _ = map_scene(model, frames, MappingConfig(method=method, iterations=1, batch_patches=512))
+    assert rep.final_valid > 0.5
+    assert rep.final_loss < first.meta["report"]["final_loss"]
+    assert short.method == method
+
+
+def test_mapping_refuses_too_few_frames(model: AcegModel) -> None:
+    with pytest.raises(ValueError, match="at least 3"):
+        map_scene(model, synthetic_frames(2), MappingConfig(iterations=1))
+
+
+def test_map_file_round_trips_and_refuses_another_model(model: AcegModel, tmp_path) -> None:
+    scene_map, _ = map_scene(model, synthetic_frames(3), MappingConfig(iterations=3, batch_patches=256))
+    path = tmp_path / "scene.map.safetensors"
+    scene_map.save(path)
+    loaded = SceneMap.load(path, model)
+    feats = torch.randn(30, model.config.regressor.feat_dim)
+    with torch.no_grad():
+        a, _ = scene_map.predict(feats)
+        b, _ = loaded.predict(feats)
+    # Codes are stored in fp16: predictions agree to well under a millimetre at room scale.
+    assert torch.allclose(a, b, atol=5e-3)
+    assert np.array_equal(loaded.centre_3, scene_map.centre_3)
+    other = AcegModel(model.config)
+    with pytest.raises(ValueError, match="model_hash"):
+        SceneMap.load(path, other)
+
+
+def test_model_file_round_trips(model: AcegModel, tmp_path) -> None:
+    path = tmp_path / "model.safetensors"
+    model.save(path)
+    loaded = AcegModel.load(path)
+    assert loaded.model_hash() == model.model_hash()
+    assert loaded.config == model.config
+    T = invert(make_pose(np.eye(3), [1, 2, 3]))
+    assert np.allclose(T[:3, 3], [-1, -2, -3])

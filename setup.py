@@ -32,6 +32,9 @@ setup(
     entry_points={
         "console_scripts": [
             "aceg-make-bag = aceg_ros.make_bag:main",
+            "aceg-eval = aceg_model.evaluate:main",
+            "aceg-pretrain = aceg_model.pretrain:main",
+            "aceg-map = aceg_ros.map_cli:main",
         ],
     },
 )

@@ -1,0 +1,83 @@
+"""``aceg-map``: optimize a map code from a bag (image + camera_info + poses) or a posed-image folder.
+
+The same work as the node's ``/aceg/map_scene`` service, without a running node.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from aceg_model.mapping import METHODS, MappingConfig, map_scene
+from aceg_model.model import AcegModel, pick_device
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "aceg_small.safetensors"
+
+
+def load_frames(args: argparse.Namespace):
+    """Frames from --bag (through the bag reader) or --data (through the dataset loaders)."""
+    if args.bag:
+        from aceg_ros.bag_io import read_bag_frames
+
+        frames, report = read_bag_frames(args.bag, args.image_topic, args.camera_info_topic,
+                                         pose_topic=args.pose_topic or None, tf_parent=args.tf_parent,
+                                         max_pose_gap=args.max_pose_gap)
+        print(f"bag: {report}", file=sys.stderr)
+        return frames
+    from aceg_model.datasets import open_dataset
+
+    return open_dataset(args.data, args.kind, args.split)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Map a scene: optimize ACE-G map codes (or the ACE-style baseline head) "
+                                "from posed RGB images.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bag", type=Path, help="rosbag2 folder (sqlite3 or mcap)")
+    src.add_argument("--data", type=Path, help="posed-image folder (any layout aceg_model.datasets reads)")
+    p.add_argument("--out", type=Path, required=True, help="map file to write (safetensors, written atomically)")
+    p.add_argument("--image-topic", default="/camera/image_raw", help="image topic in the bag")
+    p.add_argument("--camera-info-topic", default="/camera/camera_info", help="camera_info topic in the bag")
+    p.add_argument("--pose-topic", default="/camera/pose",
+                   help="pose topic (PoseStamped, PoseWithCovarianceStamped or Odometry); '' to use /tf")
+    p.add_argument("--tf-parent", default="map", help="map frame for /tf poses")
+    p.add_argument("--max-pose-gap", type=float, default=0.05, help="max time from an image to a pose sample (s)")
+    p.add_argument("--kind", default="auto", help="dataset layout for --data")
+    p.add_argument("--split", default=None, help="dataset split for --data (e.g. mapping)")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="pre-trained model (safetensors)")
+    p.add_argument("--method", choices=METHODS, default="aceg", help="map codes (aceg) or MLP baseline (ace)")
+    p.add_argument("--iterations", type=int, default=MappingConfig.iterations, help="optimization iterations")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    args = p.parse_args(argv)
+    if args.iterations <= 0:
+        p.error("--iterations must be > 0")
+    try:
+        model = AcegModel.load(args.model, pick_device(args.device))
+        frames = load_frames(args)
+        bar = tqdm(total=args.iterations, desc=f"mapping {len(frames)} frames", unit="it")
+
+        def progress(stage: str, done: int, total: int, stats: dict) -> None:
+            if stage == "optimize":
+                bar.n = done
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", px=f"{stats['median_px']:.1f}")
+                bar.refresh()
+
+        t0 = time.perf_counter()
+        scene_map, report = map_scene(model, frames, MappingConfig(method=args.method, iterations=args.iterations),
+                                      progress)
+        bar.close()
+        scene_map.save(args.out)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"aceg-map: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {report.n_frames} frames, {report.iterations} iterations, final loss "
+          f"{report.final_loss:.3f}, median reprojection {report.final_median_px:.1f} px, "
+          f"{time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,315 @@
+"""Pre-training the encoder and the scene-agnostic regressor on generated scenes.
+
+ACE-G's recipe (DESIGN.md §1), sized for whatever hardware runs it:
+- many scenes in parallel, each with its own map codes; scenes retire after a
+  number of uses and fresh ones (fresh random codes) take their place, so the
+  regressor keeps learning to work with codes at every stage of optimization;
+- *mapping iterations* on mapping views: codes + regressor + encoder;
+- *query iterations* on query views (other lighting, other viewpoints):
+  regressor + encoder only, codes fixed;
+- losses: 3D NLL on rendered scene coordinates, the reprojection NLL used at
+  mapping time, and a dense InfoNCE correspondence loss between a mapping
+  and a query view (FINDINGS.md: that is what got a CPU encoder going).
+
+Runs as one process or under ``torchrun`` (DDP: gloo on CPU, NCCL on GPU);
+each rank owns its scenes and their codes, the network is shared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from aceg_model.losses import ReprojectionLossConfig, coords_nll, info_nce, reprojection_nll
+from aceg_model.model import AcegModel, ModelConfig, prepare_image
+from aceg_model.pretrain_data import SceneViews, View
+
+CHECKPOINT_KIND = "aceg-pretrain-state"
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 2000  # one step = one mapping iteration + one query iteration
+    scenes_in_pool: int = 12  # per rank: scenes whose codes are being optimized
+    scenes_per_step: int = 4
+    views_per_scene: int = 2
+    patches_per_view: int = 512
+    scene_uses: int = 150  # a scene retires after this many steps and a fresh one replaces it
+    lr: float = 3e-4
+    code_lr: float = 0.02
+    weight_decay: float = 0.01
+    w_coords: float = 1.0
+    w_reproj: float = 0.05  # reprojection NLL is in px units; it dominates otherwise
+    w_nce: float = 0.5
+    nce_points: int = 256
+    render_height: int = 240  # px; views are rendered at the model's working resolution
+    mapping_frames: int = 32  # rendered per scene when it enters the pool
+    query_frames: int = 12  # per query condition (lighting, viewpoint)
+    seed: int = 0
+    log_every: int = 20
+    checkpoint_every: int = 200
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+class ScenePool:
+    """Per-rank scenes with their codes; scene seeds are unique across ranks."""
+
+    def __init__(self, cfg: PretrainConfig, regressor, rank: int, world: int, device) -> None:
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.regressor = regressor
+        self.next_index = 0
+        self.scenes: list[SceneViews] = []
+        self.codes: list[torch.nn.Parameter] = []
+        self.uses: list[int] = []
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+        for _ in range(cfg.scenes_in_pool):
+            self._add()
+
+    def _add(self, slot: int | None = None) -> None:
+        seed = self.cfg.seed * 1_000_000 + self.next_index * self.world + self.rank
+        self.next_index += 1
+        scene = SceneViews.generate(seed, self.cfg.render_height, self.cfg.mapping_frames, self.cfg.query_frames)
+        codes = torch.nn.Parameter(self.regressor.init_codes(1, self.gen)[0].to(self.device))
+        if slot is None:
+            self.scenes.append(scene), self.codes.append(codes), self.uses.append(0)
+        else:
+            self.scenes[slot], self.codes[slot], self.uses[slot] = scene, codes, 0
+
+    def retire_used(self) -> list[int]:
+        """Replace scenes used ``scene_uses`` times; returns the replaced slots."""
+        slots = [i for i, u in enumerate(self.uses) if u >= self.cfg.scene_uses]
+        for i in slots:
+            self._add(i)
+        return slots
+
+
+def sample_patches(view: View, image_size: tuple[int, int], n: int, rng: np.random.Generator):
+    """Patch indices with valid scene coordinates at their centres, their GT coords and pixels."""
+    from aceg_model.encoder import patch_centres
+
+    h, w = image_size[0] // 8, image_size[1] // 8
+    pix_P2 = patch_centres(h, w)
+    u = pix_P2[:, 0].round().long().clamp(0, image_size[1] - 1)
+    v = pix_P2[:, 1].round().long().clamp(0, image_size[0] - 1)
+    coords_P3 = torch.from_numpy(view.meta["scene_coords"])[v, u]
+    ok = torch.isfinite(coords_P3).all(dim=1).nonzero()[:, 0].numpy()
+    pick = rng.choice(ok, size=min(n, len(ok)), replace=False) if len(ok) else ok
+    pick = torch.from_numpy(np.sort(pick))
+    return pick, coords_P3[pick], pix_P2[pick]
+
+
+def step_losses(model, views: list[View], codes_S: list[torch.Tensor], centres: list[np.ndarray],
+                cfg: PretrainConfig, rng: np.random.Generator, progress: float, loss_cfg: ReprojectionLossConfig):
+    """Loss of one iteration over S scenes x V views each; codes may be detached (query iterations)."""
+    device = next(model.parameters()).device
+    V = cfg.views_per_scene
+    prepared = [prepare_image(v.image, v.intrinsics, cfg.model.image_height) for v in views]
+    images = torch.stack([p[0] for p in prepared]).to(device)
+    feats_BDhw = model.encoder(images)
+    B, D, h, w = feats_BDhw.shape
+    feats_BPD = feats_BDhw.flatten(2).transpose(1, 2)
+    picks = [sample_patches(v, images.shape[-2:], cfg.patches_per_view, rng) for v in views]
+    b = min(len(p[0]) for p in picks)
+    if b < 16:
+        return None
+    sel = [p[0][:b] for p in picks]
+    feats_SbD = torch.stack([
+        torch.cat([feats_BPD[s * V + k, sel[s * V + k]] for k in range(V)]) for s in range(len(codes_S))
+    ])
+    coords_Sb3, log_sigma_Sb = model.regressor(feats_SbD, torch.stack(codes_S))
+    gt_Sb3 = torch.stack([
+        torch.cat([picks[s * V + k][1][:b] for k in range(V)]) - torch.as_tensor(centres[s], dtype=torch.float32)
+        for s in range(len(codes_S))
+    ]).to(device)
+    l_coords = coords_nll(coords_Sb3.reshape(-1, 3), log_sigma_Sb.reshape(-1), gt_Sb3.reshape(-1, 3))
+    # Reprojection NLL exactly as mapping uses it (coords relative to each scene's centre).
+    T_cam_map, K, pix = [], [], []
+    for s in range(len(codes_S)):
+        T_world_map = np.eye(4)
+        T_world_map[:3, 3] = centres[s]
+        for k in range(V):
+            view = views[s * V + k]
+            T = np.linalg.inv(view.T_world_cam) @ T_world_map
+            T_cam_map.append(torch.as_tensor(T, dtype=torch.float32).expand(b, 4, 4))
+            K.append(torch.as_tensor(prepared[s * V + k][1].K, dtype=torch.float32).expand(b, 3, 3))
+            pix.append(picks[s * V + k][2][:b])
+    l_reproj, stats = reprojection_nll(coords_Sb3.reshape(-1, 3), log_sigma_Sb.reshape(-1), torch.cat(pix).to(device),
+                                       torch.cat(T_cam_map).to(device), torch.cat(K).to(device), progress, loss_cfg)
+    err = (coords_Sb3 - gt_Sb3).norm(dim=-1)
+    return l_coords, l_reproj, {"median_err_cm": 100 * err.median().item(), **stats}, feats_BDhw, prepared
+
+
+def correspondence_loss(feats_BDhw, prepared, views: list[View], cfg: PretrainConfig, rng) -> torch.Tensor | None:
+    """InfoNCE between view pairs (0,1), (2,3), ... of the same scene, from rendered geometry."""
+    from aceg_model.pretrain_data import view_correspondences
+
+    losses = []
+    for a in range(0, len(views) - 1, 2):
+        Ka, Kb = prepared[a][1], prepared[a + 1][1]
+        uv_a, uv_b = view_correspondences(views[a], views[a + 1], Ka, Kb, cfg.nce_points, rng)
+        if len(uv_a) < 16:
+            continue
+        fa = bilinear(feats_BDhw[a], uv_a, Ka)
+        fb = bilinear(feats_BDhw[a + 1], uv_b, Kb)
+        losses.append(info_nce(fa, fb))
+    return torch.stack(losses).mean() if losses else None
+
+
+def bilinear(feats_Dhw: torch.Tensor, uv_N2: np.ndarray, K) -> torch.Tensor:
+    """Features at working-resolution pixels ``uv`` (patch centre (8j+3.5) maps to cell j)."""
+    D, h, w = feats_Dhw.shape
+    uv = torch.as_tensor(uv_N2, dtype=torch.float32, device=feats_Dhw.device)
+    gx = ((uv[:, 0] - 3.5) / 8 + 0.5) / w * 2 - 1
+    gy = ((uv[:, 1] - 3.5) / 8 + 0.5) / h * 2 - 1
+    grid = torch.stack([gx, gy], dim=-1).view(1, 1, -1, 2)
+    return F.grid_sample(feats_Dhw[None], grid, align_corners=False)[0, :, 0].T
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Rank, world size and device; initializes the process group under torchrun."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        use_cuda = torch.cuda.is_available()
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if use_cuda:
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            return rank, world, torch.device("cuda", local)
+        return rank, world, torch.device("cpu")
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budget_s: float | None = None) -> Path:
+    """Run pre-training; writes ``out_dir/model.safetensors`` (rank 0) and resumable state."""
+    rank, world, device = setup_distributed()
+    torch.manual_seed(cfg.seed)
+    model = AcegModel(cfg.model).to(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_path = out_dir / "pretrain_state.safetensors"
+    start_step = 0
+    if resume and state_path.exists():
+        start_step = load_state(state_path, model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pool = ScenePool(cfg, model.regressor, rank, world, device)
+    code_opts = [torch.optim.Adam([c], lr=cfg.code_lr) for c in pool.codes]
+    rng = np.random.default_rng(cfg.seed * 7919 + rank)
+    loss_cfg = ReprojectionLossConfig()
+    log_path = out_dir / "pretrain_log.jsonl"
+    t0 = time.perf_counter()
+    step = start_step
+    for step in range(start_step, cfg.steps):
+        if time_budget_s and time.perf_counter() - t0 > time_budget_s:
+            break
+        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        slots = list(rng.choice(len(pool.scenes), size=cfg.scenes_per_step, replace=False))
+        centres = [pool.scenes[i].centre_3 for i in slots]
+        log: dict = {"step": step, "lr": lr}
+        for phase in ("mapping", "query"):
+            views = []
+            for i in slots:
+                scene = pool.scenes[i]
+                views += [scene.mapping_view(rng) if phase == "mapping" or k == 0 else scene.query_view(rng)
+                          for k in range(cfg.views_per_scene)]
+            # Query iterations see codes as constants: only the network learns to generalize.
+            codes = [pool.codes[i] if phase == "mapping" else pool.codes[i].detach() for i in slots]
+            out = step_losses(model, views, codes, centres, cfg, rng, pool.uses[slots[0]] / cfg.scene_uses, loss_cfg)
+            if out is None:
+                continue
+            l_coords, l_reproj, stats, feats, prepared = out
+            loss = cfg.w_coords * l_coords + cfg.w_reproj * l_reproj
+            l_nce = correspondence_loss(feats, prepared, views, cfg, rng)
+            if l_nce is not None:
+                loss = loss + cfg.w_nce * l_nce
+            opt.zero_grad(set_to_none=True)
+            for i in slots:
+                code_opts[i].zero_grad(set_to_none=True)
+            if world > 1:
+                # Gradients of the shared network are averaged across ranks by hand:
+                # codes differ per rank, so DDP's hooks on a partial graph are avoided.
+                loss.backward()
+                for p in model.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
+            else:
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if phase == "mapping":
+                for i in slots:
+                    code_opts[i].step()
+            log[phase] = {"loss": loss.item(), "coords": l_coords.item(), "reproj": l_reproj.item(),
+                          "nce": None if l_nce is None else l_nce.item(), **stats}
+        for i in slots:
+            pool.uses[i] += 1
+        for i in pool.retire_used():
+            code_opts[i] = torch.optim.Adam([pool.codes[i]], lr=cfg.code_lr)
+        if rank == 0 and step % cfg.log_every == 0:
+            log["elapsed_s"] = round(time.perf_counter() - t0, 1)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(log) + "\n")
+            m, q = log.get("mapping", {}), log.get("query", {})
+            print(f"step {step:6d} | {log['elapsed_s']:7.1f} s | map: err {m.get('median_err_cm', float('nan')):6.1f} cm "
+                  f"nce {m.get('nce') or float('nan'):.3f} | query: err {q.get('median_err_cm', float('nan')):6.1f} cm "
+                  f"nce {q.get('nce') or float('nan'):.3f}", flush=True)
+        if rank == 0 and (step + 1) % cfg.checkpoint_every == 0:
+            save_state(state_path, model, step + 1, cfg)
+    if rank == 0:
+        save_state(state_path, model, step + 1, cfg)
+        model.save(out_dir / "model.safetensors", {"pretrain": asdict(cfg), "steps_done": step + 1,
+                                                    "seconds": round(time.perf_counter() - t0, 1),
+                                                    "world_size": world, "device": str(device)})
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out_dir / "model.safetensors"
+
+
+def save_state(path: Path, model: AcegModel, step: int, cfg: PretrainConfig) -> None:
+    model.save(path, {"step": step, "pretrain": asdict(cfg)})
+
+
+def load_state(path: Path, model: AcegModel) -> int:
+    from aceg_model.safe_files import load_tensors
+
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tensors, meta = load_tensors(path, kind="aceg-model", expected_shapes=shapes)
+    model.load_state_dict(tensors)
+    return int(meta.get("step", 0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Pre-train the ACE-G encoder and regressor on generated scenes "
+                                "(single process, or under torchrun for DDP).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="output folder (model.safetensors, state, log)")
+    p.add_argument("--steps", type=int, default=PretrainConfig.steps, help="mapping+query iteration pairs")
+    p.add_argument("--minutes", type=float, default=None, help="stop after this wall time (minutes), then save")
+    p.add_argument("--scenes-in-pool", type=int, default=PretrainConfig.scenes_in_pool, help="scenes per rank")
+    p.add_argument("--scene-uses", type=int, default=PretrainConfig.scene_uses, help="steps before a scene retires")
+    p.add_argument("--seed", type=int, default=0, help="seed of scenes and sampling")
+    p.add_argument("--no-resume", action="store_true", help="start fresh even if a state file exists")
+    args = p.parse_args(argv)
+    if args.steps <= 0:
+        p.error("--steps must be > 0")
+    cfg = PretrainConfig(steps=args.steps, scenes_in_pool=args.scenes_in_pool, scene_uses=args.scene_uses,
+                         seed=args.seed)
+    path = pretrain(cfg, args.out, resume=not args.no_resume,
+                    time_budget_s=None if args.minutes is None else args.minutes * 60)
+    print(f"model written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

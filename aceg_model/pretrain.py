@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from aceg_model.losses import ReprojectionLossConfig, coords_nll, info_nce, reprojection_nll
 from aceg_model.model import AcegModel, ModelConfig, prepare_image
-from aceg_model.pretrain_data import SceneViews, View
+from aceg_model.pretrain_data import SceneViews, View, load_views
 
 CHECKPOINT_KIND = "aceg-pretrain-state"
 
@@ -57,6 +57,7 @@ class PretrainConfig:
     seed: int = 0
     log_every: int = 20
     checkpoint_every: int = 200
+    bank: str | None = None  # folder of pre-rendered scenes (pretrain_data.render_bank); None: render inline
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
@@ -74,22 +75,36 @@ class ScenePool:
         for _ in range(cfg.scenes_in_pool):
             self._add()
 
-    def _add(self, slot: int | None = None) -> None:
-        seed = self.cfg.seed * 1_000_000 + self.next_index * self.world + self.rank
-        self.next_index += 1
-        scene = SceneViews.generate(seed, self.cfg.render_height, self.cfg.mapping_frames, self.cfg.query_frames)
+    def _next_scene(self, wait: bool) -> SceneViews | None:
+        """The next unused scene: from the bank (this rank's share of its files) or rendered now."""
+        if self.cfg.bank is None:
+            seed = self.cfg.seed * 1_000_000 + self.next_index * self.world + self.rank
+            self.next_index += 1
+            return SceneViews.generate(seed, self.cfg.render_height, self.cfg.mapping_frames, self.cfg.query_frames)
+        while True:
+            files = sorted(Path(self.cfg.bank).glob("scene-*.npz"))[self.rank::self.world]
+            if self.next_index < len(files):
+                self.next_index += 1
+                return load_views(files[self.next_index - 1])
+            if not wait:
+                return None
+            time.sleep(5.0)  # the bank is still being rendered
+
+    def _add(self, slot: int | None = None) -> bool:
+        scene = self._next_scene(wait=slot is None)
+        if scene is None:
+            self.uses[slot] = 0  # no fresh scene yet: keep this one (and its codes) longer
+            return False
         codes = torch.nn.Parameter(self.regressor.init_codes(1, self.gen)[0].to(self.device))
         if slot is None:
             self.scenes.append(scene), self.codes.append(codes), self.uses.append(0)
         else:
             self.scenes[slot], self.codes[slot], self.uses[slot] = scene, codes, 0
+        return True
 
     def retire_used(self) -> list[int]:
         """Replace scenes used ``scene_uses`` times; returns the replaced slots."""
-        slots = [i for i, u in enumerate(self.uses) if u >= self.cfg.scene_uses]
-        for i in slots:
-            self._add(i)
-        return slots
+        return [i for i, u in enumerate(self.uses) if u >= self.cfg.scene_uses and self._add(i)]
 
 
 def sample_patches(view: View, image_size: tuple[int, int], n: int, rng: np.random.Generator):
@@ -298,13 +313,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=None, help="stop after this wall time (minutes), then save")
     p.add_argument("--scenes-in-pool", type=int, default=PretrainConfig.scenes_in_pool, help="scenes per rank")
     p.add_argument("--scene-uses", type=int, default=PretrainConfig.scene_uses, help="steps before a scene retires")
+    p.add_argument("--mapping-frames", type=int, default=PretrainConfig.mapping_frames, help="rendered per scene")
+    p.add_argument("--query-frames", type=int, default=PretrainConfig.query_frames, help="per query condition")
+    p.add_argument("--bank", default=None, help="folder of pre-rendered scenes (python -m aceg_model.pretrain_data)")
     p.add_argument("--seed", type=int, default=0, help="seed of scenes and sampling")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if a state file exists")
     args = p.parse_args(argv)
     if args.steps <= 0:
         p.error("--steps must be > 0")
     cfg = PretrainConfig(steps=args.steps, scenes_in_pool=args.scenes_in_pool, scene_uses=args.scene_uses,
-                         seed=args.seed)
+                         mapping_frames=args.mapping_frames, query_frames=args.query_frames, seed=args.seed,
+                         bank=args.bank)
     path = pretrain(cfg, args.out, resume=not args.no_resume,
                     time_budget_s=None if args.minutes is None else args.minutes * 60)
     print(f"model written to {path}")

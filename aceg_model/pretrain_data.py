@@ -65,3 +65,59 @@ def view_correspondences(a: View, b: View, Ka: Intrinsics, Kb: Intrinsics, n: in
     if (Ka.width, Ka.height) != (a.intrinsics.width, a.intrinsics.height):
         raise ValueError("pre-training views must be rendered at the model's working resolution")
     return correspondences(a, b, n, rng)
+
+
+def save_views(scene: SceneViews, path) -> None:
+    """Write a rendered scene to ``path`` (npz: uint8 images, float16 coords/depth, poses, intrinsics)."""
+    from pathlib import Path
+
+    path = Path(path)
+    views = scene.mapping + scene.queries
+    K = views[0].intrinsics
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, seed=scene.seed, n_mapping=len(scene.mapping), centre=scene.centre_3,
+             images=np.stack([v.image for v in views]), poses=np.stack([v.T_world_cam for v in views]),
+             depth=np.stack([v.depth for v in views]).astype(np.float16),
+             coords=np.stack([v.meta["scene_coords"] for v in views]).astype(np.float16),
+             K=np.array([K.fx, K.fy, K.cx, K.cy, K.width, K.height]))
+    tmp.replace(path)  # readers never see a half-written scene
+
+
+def load_views(path) -> SceneViews:
+    with np.load(path, allow_pickle=False) as z:
+        fx, fy, cx, cy, w, h = z["K"]
+        K = Intrinsics(float(fx), float(fy), float(cx), float(cy), int(w), int(h))
+        views = [Frame(z["images"][i], K, z["poses"][i], float(i), z["depth"][i].astype(np.float32), f"view-{i}",
+                       {"scene_coords": z["coords"][i].astype(np.float32)}) for i in range(len(z["images"]))]
+        n = int(z["n_mapping"])
+        return SceneViews(int(z["seed"]), views[:n], views[n:], z["centre"])
+
+
+def render_bank(out_dir, first_seed: int, count: int, height: int = 240, mapping_frames: int = 32,
+                query_frames: int = 12) -> None:
+    """Render scenes ``first_seed .. first_seed+count-1`` into ``out_dir`` (skips existing ones).
+
+    Run it beside pre-training (``--bank``) so rendering and training overlap.
+    """
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in range(first_seed, first_seed + count):
+        path = out / f"scene-{seed:07d}.npz"
+        if not path.exists():
+            save_views(SceneViews.generate(seed, height, mapping_frames, query_frames), path)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="Render a bank of pre-training scenes (one .npz per scene).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("out", help="bank folder")
+    p.add_argument("--first-seed", type=int, default=0, help="first scene seed")
+    p.add_argument("--count", type=int, default=100, help="number of scenes")
+    p.add_argument("--mapping-frames", type=int, default=32, help="mapping views per scene")
+    p.add_argument("--query-frames", type=int, default=12, help="query views per condition")
+    a = p.parse_args()
+    render_bank(a.out, a.first_seed, a.count, 240, a.mapping_frames, a.query_frames)

@@ -28,7 +28,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         enc = dict(d["encoder"])
-        enc["channels"] = tuple(enc["channels"])
+        enc["channels"], enc["dilations"] = tuple(enc["channels"]), tuple(enc["dilations"])
         return cls(EncoderConfig(**enc), RegressorConfig(**d["regressor"]), int(d["image_height"]))
 
 

@@ -260,18 +260,16 @@ def test_cli_writes_a_posed_folder(tmp_path):
     assert np.array_equal(frame.image, expected.mapping[1].image)
 
 
-def test_cli_writes_bags(tmp_path):
+def test_cli_folder_becomes_a_bag(tmp_path):
+    """The ROS side turns a generated folder into a bag like any real dataset."""
+    make_bag = pytest.importorskip("aceg_ros.make_bag")
     bag_io = pytest.importorskip("aceg_ros.bag_io")
     from aceg_model.scene.cli import main
 
     out = tmp_path / "scene"
     assert main([str(out), "--seed", "2", "--kind", "room", "--width", "80", "--height", "60", "--focal", "60",
-                 "70", "--mapping-frames", "3", "--query-frames", "2", "--queries", "lighting", "--no-shared-data",
-                 "--bag", "mcap"]) == 0
-    frames, _ = bag_io.read_bag_frames(out / "bags" / "mapping", pose_topic=bag_io.DEFAULT_POSE_TOPIC)
-    assert len(frames) == 3
-    expected = generate_scene(2, SceneConfig(kind="room", width=80, height=60, focal_range_px=(60.0, 70.0),
-                                             mapping_frames=3, use_shared_data=False, queries={}))
-    assert np.allclose(frames[2].T_world_cam, expected.mapping[2].T_world_cam, atol=1e-6)
-    assert np.array_equal(frames[2].image, expected.mapping[2].image)
-    assert sorted(p.name for p in (out / "bags").iterdir()) == ["mapping", "query-lighting"]
+                 "70", "--mapping-frames", "3", "--query-frames", "2", "--no-shared-data"]) == 0
+    assert make_bag.main(["--data", str(out), "--kind", "folder", "--split", "query", "--out",
+                          str(tmp_path / "bag")]) == 0
+    frames, _ = bag_io.read_bag_frames(tmp_path / "bag", pose_topic=bag_io.DEFAULT_POSE_TOPIC)
+    assert len(frames) == 4  # two query conditions x 2 frames, stamps increasing across them

@@ -3,20 +3,20 @@
     aceg-gen-scene out/ --seed 3                    # out/ holds one scene
     aceg-gen-scene out/ --seed 0 --count 10         # out/scene-000000 ... scene-000009
     aceg-gen-scene out/ --contact-sheet sheet.png   # also a picture of mapping vs query views
-    aceg-gen-scene out/ --bag mcap                  # also one rosbag2 per sequence in out/bags/
     aceg-gen-scene --benchmark                      # render speed (frames/s) as JSON
 
 Each folder has ``frames/frame-XXXXXX.{color.png,pose.txt,depth.png}``,
 ``intrinsics.yaml``, splits ``mapping.txt``, ``query.txt`` and one
 ``query-<condition>.txt`` per query condition, and ``generator.json`` (seed,
-configuration, appearance of every frame). With ``--bag``, ``bags/mapping``
-and ``bags/query-<condition>`` hold the same sequences as rosbag2 bags
-(images, camera_info, poses and TF, via ``aceg_ros.bag_io``).
+configuration, appearance of every frame). Bags come from the ROS side
+(aceg_model never imports it): ``aceg-make-bag --data out/ --kind folder
+--split mapping --out mapping_bag``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -58,16 +58,6 @@ def write_scene(gen: GeneratedScene, out_dir: Path) -> Path:
     return Path(out_dir)
 
 
-def write_bags(gen: GeneratedScene, out_dir: Path, storage: str) -> list[Path]:
-    """One rosbag2 bag per sequence under ``out_dir/bags`` (stamps restart at 0 in each)."""
-    from aceg_ros.bag_io import write_bag  # lazy: aceg_model never needs the ROS side
-
-    bags = Path(out_dir) / "bags"
-    bags.mkdir(parents=True, exist_ok=True)
-    sequences = {"mapping": gen.mapping, **{f"query-{k}": v for k, v in gen.queries.items()}}
-    return [write_bag(frames, bags / name, storage).path for name, frames in sequences.items()]
-
-
 def contact_sheet(scenes: list[GeneratedScene], path: Path, per_sequence: int = 2) -> Path:
     """A grid PNG: one row per scene, ``per_sequence`` mapping views, then each query
     condition's, then the first mapping view under a 'random_strong' draw (the pre-training range)."""
@@ -98,13 +88,14 @@ def contact_sheet(scenes: list[GeneratedScene], path: Path, per_sequence: int = 
     fig.tight_layout(pad=0.3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
 
 def benchmark(seed: int, repeats: int) -> dict:
-    """Frames/s of `render_view` at the pre-training and full resolutions, with and without shadows."""
+    """Frames/s of `render_view` at the pre-training and full resolutions, with and without
+    shadows: 1 / median time per frame over ``repeats`` poses (the median resists other load)."""
     from aceg_model.frames import Intrinsics
     from aceg_model.scene.render import render_view
 
@@ -115,11 +106,15 @@ def benchmark(seed: int, repeats: int) -> dict:
             K = Intrinsics.centred(550.0 * w / 640, w, h)
             for shadows in (False, True):
                 render_view(gen.scene, gen.mapping[0].T_world_cam, K, shadows=shadows)  # warm-up
-                t0 = time.perf_counter()
+                seconds = []
                 for f in gen.mapping:
+                    t0 = time.perf_counter()
                     render_view(gen.scene, f.T_world_cam, K, shadows=shadows)
-                fps = len(gen.mapping) / (time.perf_counter() - t0)
+                    seconds.append(time.perf_counter() - t0)
+                fps = 1.0 / float(np.median(seconds))
                 result[f"{kind}_{h}x{w}_{'shadows' if shadows else 'no_shadows'}_fps"] = round(fps, 1)
+    result["torch_threads"] = 1
+    result["load_average_1min"] = os.getloadavg()[0]
     return result
 
 
@@ -146,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-shared-data", action="store_true",
                    help="texture only with scikit-image samples and procedural patterns, not ../shared/data")
     p.add_argument("--cache-dir", type=Path, default=None, help="keep built scenes (textures) here for reuse")
-    p.add_argument("--bag", choices=["mcap", "sqlite3"], default=None,
-                   help="also write each sequence as a rosbag2 bag of this storage under OUT_DIR/bags")
     p.add_argument("--contact-sheet", type=Path, default=None, help="also save a PNG of mapping vs query views")
     p.add_argument("--benchmark", action="store_true", help="print render speed (frames/s) as JSON and exit")
     args = p.parse_args(argv)
@@ -169,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
         with tqdm(total=n_frames, desc=f"scene {seed}", unit="frame", file=sys.stderr) as bar:
             gen = generate_scene(seed, config, progress=lambda _: bar.update())
         write_scene(gen, out)
-        if args.bag is not None:
-            write_bags(gen, out, args.bag)
         print(f"scene {seed} ({gen.scene.layout.kind}, {gen.style}, f={gen.intrinsics.fx:.0f} px): "
               f"{len(gen.mapping)} mapping + {sum(map(len, gen.queries.values()))} query frames -> {out}")
         if args.contact_sheet is not None:

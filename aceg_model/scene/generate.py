@@ -45,10 +45,10 @@ class QuerySpec:
 
 def default_queries() -> dict[str, QuerySpec]:
     return {
-        # Same places, other light: lights dimmed, warmer and moved, then a darker exposure
-        # with light falloff, soft shadows and low-light noise.
+        # Same places, other light: lights dimmed, warmer and moved (cast shadows move with them),
+        # then a darker exposure with light falloff towards the corners and low-light noise.
         "lighting": QuerySpec(
-            appearance=AppearanceChange(gain=0.8, falloff=0.3, shadows=0.3, photons=500.0, read_noise=0.003),
+            appearance=AppearanceChange(gain=0.8, falloff=0.3, photons=500.0, read_noise=0.003),
             light_gain=0.6, light_tint=(1.15, 1.0, 0.8), light_move_m=1.5, sun_move_deg=60.0,
             lateral_offset_m=0.1),
         # Same light, other viewpoints: a new path, higher, turned and shifted sideways.
@@ -76,7 +76,7 @@ class SceneConfig:
     max_texels: int = 12_000_000  # per scene incl. mips (~48 MB); density shrinks to fit
     shadows: bool = True  # cast shadows from the main light (about 1.3x slower to render)
     use_shared_data: bool = True  # also texture with Strecha/KITTI photos from ../shared/data when present
-    fps: float = 10.0  # frame stamps are index / fps
+    fps: float = 10.0  # frame rate of the stamps; each sequence starts SEQUENCE_GAP_S after the previous
     cache_dir: Path | None = None  # where built scenes (geometry + textures) are kept between runs
 
     def __post_init__(self) -> None:
@@ -102,6 +102,7 @@ def _rngs(seed: int) -> dict[str, np.random.Generator]:
     return {n: np.random.default_rng(s) for n, s in zip(names, np.random.SeedSequence(seed).spawn(len(names)))}
 
 
+SEQUENCE_GAP_S = 60.0  # between the end of one sequence and the start of the next
 GENERATOR_VERSION = 1  # bump when layouts or textures change, so cached scenes are rebuilt
 
 
@@ -187,7 +188,7 @@ def generate_scene(seed: int, config: SceneConfig | None = None,
     mapping_poses = sample_trajectory(layout, path, rng_traj, config.mapping_frames,
                                       replace(base, cover_path=config.step_m is None))
     mapping = _render_sequence(scene, mapping_poses, intrinsics, scene.lighting, AppearanceChange(), rngs,
-                               config, "mapping", progress)
+                               config, "mapping", 0.0, progress)
     queries = {}
     for name, spec in config.queries.items():
         q_path = path if spec.same_path else plan_path(layout, rng_traj)
@@ -196,17 +197,20 @@ def generate_scene(seed: int, config: SceneConfig | None = None,
         poses = sample_trajectory(layout, q_path, rng_traj, spec.n_frames, params)
         lighting = relight(scene.lighting, spec, rngs["lighting"], layout.walk_region)
         appearance = appearance_preset(spec.appearance) if isinstance(spec.appearance, str) else spec.appearance
-        queries[name] = _render_sequence(scene, poses, intrinsics, lighting, appearance, rngs, config, name, progress)
+        # Each sequence is recorded later than the one before (stamps never repeat within a scene).
+        start_s = max(f.stamp for seq in [mapping, *queries.values()] for f in seq) + SEQUENCE_GAP_S
+        queries[name] = _render_sequence(scene, poses, intrinsics, lighting, appearance, rngs, config, name,
+                                         start_s, progress)
     return GeneratedScene(seed, config, scene, intrinsics, style, mapping, queries)
 
 
-def _render_sequence(scene, poses, intrinsics, lighting, appearance, rngs, config, condition,
+def _render_sequence(scene, poses, intrinsics, lighting, appearance, rngs, config, condition, start_s,
                      progress=None) -> list[Frame]:
     frames = []
     rng = rngs["appearance"]
     for i, T in enumerate(poses):
         name = f"{condition}-{i:04d}"
-        frame = render_view(scene, T, intrinsics, lighting, config.shadows, name, i / config.fps)
+        frame = render_view(scene, T, intrinsics, lighting, config.shadows, name, start_s + i / config.fps)
         change = appearance.sample(rng) if isinstance(appearance, AppearanceRange) else appearance
         if change != AppearanceChange():
             frame = frame.with_image(change.apply(frame.image, rng))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -29,7 +29,7 @@ from aceg_model.scene.textures import make_texture
 MIP_LEVELS = 4  # texture sizes are padded to multiples of 2**(MIP_LEVELS-1)
 NEAR_M = 0.02  # hits closer than this are ignored
 MAX_RAY_QUADS = 1 << 20  # rays x quads per intersection chunk (~4 MB per temporary)
-PIXEL_CHUNK = 1 << 14  # rays shaded at once; larger chunks fall out of cache and run slower
+PIXEL_CHUNK = 1 << 17  # rays shaded at once (beyond this, temporaries fall out of cache)
 
 
 @dataclass
@@ -48,6 +48,10 @@ class Scene:
     tex_base_QL: torch.Tensor  # int64 index of texel (0, 0) of quad q at level l in tex_packed_N
     tex_w_QL: torch.Tensor  # int64 width in texels of quad q at level l
     tex_h_QL: torch.Tensor
+    tex_info_QL3: torch.Tensor = field(init=False)  # (base, w, h): one gather instead of three
+
+    def __post_init__(self) -> None:
+        self.tex_info_QL3 = torch.stack([self.tex_base_QL, self.tex_w_QL, self.tex_h_QL], -1)
 
     @property
     def lighting(self) -> Lighting:
@@ -109,8 +113,9 @@ def intersect(scene: Scene, origin_R3: torch.Tensor, dir_R3: torch.Tensor, quads
               t_max_R: torch.Tensor | None = None, any_hit: bool = False):
     """Nearest hit of each ray among quads ``quads_K`` (indices into the scene).
 
-    Returns (t_R, quad_R): the ray parameter (inf when nothing is hit) and the
-    quad index (-1). With ``any_hit``, returns a bool_R "hit anything before
+    Returns (t_R, quad_R, u_R, v_R): the ray parameter (inf when nothing is
+    hit), the quad index (-1) and the hit's position on the quad (metres along
+    its u and v axes). With ``any_hit``, returns a bool_R "hit anything before
     ``t_max_R``" instead (shadow rays).
     """
     R = dir_R3.shape[0]
@@ -121,6 +126,7 @@ def intersect(scene: Scene, origin_R3: torch.Tensor, dir_R3: torch.Tensor, quads
     K = len(quads_K)
     t_out = torch.full((R,), float("inf"))
     q_out = torch.full((R,), -1, dtype=torch.long)
+    u_out, v_out = torch.zeros(R), torch.zeros(R)
     hit_out = torch.zeros(R, dtype=torch.bool)
     chunk = max(1, MAX_RAY_QUADS // max(K, 1))
     for s in range(0, R, chunk):
@@ -140,7 +146,9 @@ def intersect(scene: Scene, origin_R3: torch.Tensor, dir_R3: torch.Tensor, quads
         t_min, k = t.min(dim=1)
         t_out[s : s + chunk] = t_min
         q_out[s : s + chunk] = torch.where(torch.isfinite(t_min), quads_K[k], -1)
-    return hit_out if any_hit else (t_out, q_out)
+        u_out[s : s + chunk] = u.gather(1, k[:, None])[:, 0]
+        v_out[s : s + chunk] = v.gather(1, k[:, None])[:, 0]
+    return hit_out if any_hit else (t_out, q_out, u_out, v_out)
 
 
 def visible_quads(scene: Scene, T_world_cam: torch.Tensor, intr: Intrinsics) -> torch.Tensor:
@@ -173,26 +181,23 @@ def sample_texture(scene: Scene, quad_P: torch.Tensor, s_P: torch.Tensor, t_P: t
     frac = level_P - l0
     idx0_4P, w0_4P = _bilinear_taps(scene, quad_P, s_P, t_P, l0)
     idx1_4P, w1_4P = _bilinear_taps(scene, quad_P, s_P, t_P, l0 + 1)
-    # One gather of 8 packed RGB texels per pixel, then unpack the bytes and blend.
+    # One gather of 8 packed RGB texels per pixel, then unpack each byte and blend.
     texel_8P = scene.tex_packed_N[torch.cat([idx0_4P, idx1_4P])]
-    weight_8P = torch.cat([w0_4P * (1 - frac), w1_4P * frac])
-    rgb_8P3 = ((texel_8P.unsqueeze(-1) >> _SHIFTS) & 255).float()
-    return (weight_8P.unsqueeze(-1) * rgb_8P3).sum(0) / 255.0
-
-
-_SHIFTS = torch.tensor([0, 8, 16], dtype=torch.int32)
+    weight_8P = torch.cat([w0_4P * (1 - frac), w1_4P * frac]) / 255.0
+    channels = ((texel_8P >> shift) & 255 for shift in (0, 8, 16))
+    return torch.stack([(weight_8P * c).sum(0) for c in channels], 1)
 
 
 def _bilinear_taps(scene, quad_P, s_P, t_P, l_P):
     """Flat texel indices (4 x P) and weights (4 x P) of the bilinear taps at mip level ``l_P``."""
     scale = torch.exp2(-l_P.float())
-    w, h = scene.tex_w_QL[quad_P, l_P], scene.tex_h_QL[quad_P, l_P]
+    base, w, h = scene.tex_info_QL3[quad_P, l_P].unbind(1)
     x = (s_P * scale - 0.5).clamp(min=0).minimum(w - 1)
     y = (t_P * scale - 0.5).clamp(min=0).minimum(h - 1)
     x0, y0 = x.long(), y.long()  # floor: x, y >= 0
     x1, y1 = (x0 + 1).minimum(w - 1), (y0 + 1).minimum(h - 1)
     fx, fy = x - x0, y - y0
-    row0, row1 = scene.tex_base_QL[quad_P, l_P] + y0 * w, scene.tex_base_QL[quad_P, l_P] + y1 * w
+    row0, row1 = base + y0 * w, base + y1 * w
     idx_4P = torch.stack([row0 + x0, row0 + x1, row1 + x0, row1 + x1])
     w_4P = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy])
     return idx_4P, w_4P
@@ -204,20 +209,20 @@ def shade(scene: Scene, lighting: Lighting, point_P3: torch.Tensor, normal_P3: t
     irr = torch.tensor(lighting.ambient_rgb, dtype=torch.float32).expand(point_P3.shape[0], 3).clone()
     for light in lighting.lights:
         if light.directional:
-            to_light = -torch.tensor(light.position, dtype=torch.float32).expand_as(point_P3)
+            sun = -torch.tensor(light.position, dtype=torch.float32)
+            to_light = (sun / sun.norm()).expand_as(point_P3)
             dist = torch.full((point_P3.shape[0],), 1e4)
-            atten = torch.ones_like(dist)
+            lit = (normal_P3 @ to_light[0]).clamp(min=0)
         else:
             to_light = torch.tensor(light.position, dtype=torch.float32) - point_P3
             dist = to_light.norm(dim=1)
-            atten = 1.0 / (1.0 + (dist / light.falloff_m) ** 2)
-        cos = (normal_P3 * to_light).sum(1) / to_light.norm(dim=1)
-        lit = cos.clamp(min=0) * atten
+            # Lambert's cosine times a falloff that halves the light at `falloff_m`.
+            lit = ((normal_P3 * to_light).sum(1) / dist).clamp(min=0) / (1.0 + (dist / light.falloff_m) ** 2)
         if shadows and light.shadows:
             # Shadow rays from just off the surface towards the light; occluded points get ambient only.
             idx = torch.nonzero(lit > 1e-3).flatten()
             if len(idx):
-                dir_ = to_light[idx] / dist[idx, None] if light.directional else to_light[idx]
+                dir_ = to_light[idx]
                 t_max = dist[idx] if light.directional else torch.full((len(idx),), 1.0 - 1e-3)
                 occ = intersect(scene, point_P3[idx] + 1e-3 * normal_P3[idx], dir_, _facing(scene, light),
                                 t_max, any_hit=True)
@@ -305,26 +310,26 @@ def _render(scene, T_world_cam, intrinsics, lighting, shadows) -> Render:
 
 def _render_rays(scene, origin_13, dir_P3, quads_K, f_mean, lighting, shadows):
     """(rgb P3 in [0, 1], depth P, coords P3, surface P) of one chunk of camera rays."""
-    t_P, quad_P = intersect(scene, origin_13, dir_P3, quads_K)
+    t_P, quad_P, u_P, v_P = intersect(scene, origin_13, dir_P3, quads_K)
+    P = dir_P3.shape[0]
     hit = torch.nonzero(quad_P >= 0).flatten()
-    q, t, d = quad_P[hit], t_P[hit], dir_P3[hit]
-    # Scene coordinates of hits and their position on the quad, in metres then texels.
+    everything = len(hit) == P  # indoors every ray hits: skip the copies
+    q, t, d = (quad_P, t_P, dir_P3) if everything else (quad_P[hit], t_P[hit], dir_P3[hit])
+    u, v = (u_P, v_P) if everything else (u_P[hit], v_P[hit])
     point_H3 = origin_13 + t[:, None] * d
-    rel = point_H3 - scene.origin_Q3[q]
-    ppm = scene.px_per_m_Q[q]
-    s_tex, t_tex = (rel * scene.axis_u_Q3[q]).sum(1) * ppm, (rel * scene.axis_v_Q3[q]).sum(1) * ppm
     # Mip level from the pixel footprint on the surface (geometric mean of its two axes).
-    normal = scene.normal_Q3[q]
+    ppm, normal = scene.px_per_m_Q[q], scene.normal_Q3[q]
     d_norm = d.norm(dim=1)
     d_dot_n = (normal * d).sum(1)
     cos = (d_dot_n / d_norm).abs().clamp(min=0.05)
     footprint_m = t / (f_mean * d_norm) / cos.sqrt()
-    albedo = sample_texture(scene, q, s_tex, t_tex, torch.log2((footprint_m * ppm).clamp(min=1e-6)))
+    albedo = sample_texture(scene, q, u * ppm, v * ppm, torch.log2((footprint_m * ppm).clamp(min=1e-6)))
     # Light the side the camera sees.
     normal = torch.where((d_dot_n < 0)[:, None], normal, -normal)
     colour = albedo * shade(scene, lighting, point_H3, normal, shadows)
 
-    P = dir_P3.shape[0]
+    if everything:
+        return colour.clamp(0, 1), t, point_H3, quad_P
     rgb = torch.zeros(P, 3)
     if lighting.sky_rgb is not None:
         # A simple sky: brighter towards the horizon.
@@ -344,6 +349,6 @@ def render_view(scene: Scene, T_world_cam: np.ndarray, intrinsics: Intrinsics, l
     ``meta['scene_coords']`` HxWx3 float32 (NaN where nothing is hit) and
     ``meta['surface_ids']`` HxW int32 (-1)."""
     r = render_tensors(scene, T_world_cam, intrinsics, lighting, shadows, threads)
-    image = (r.rgb_HW3 * 255.0 + 0.5).to(torch.uint8).numpy()
-    meta = {"scene_coords": r.coords_HW3.numpy(), "surface_ids": r.surface_HW.to(torch.int32).numpy()}
+    image = (r.rgb_HW3.numpy() * 255.0 + 0.5).astype(np.uint8)
+    meta = {"scene_coords": r.coords_HW3.numpy(), "surface_ids": r.surface_HW.numpy().astype(np.int32)}
     return Frame(image, intrinsics, np.asarray(T_world_cam, dtype=np.float64), stamp, r.depth_HW.numpy(), name, meta)

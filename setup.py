@@ -35,6 +35,7 @@ setup(
             "aceg-eval = aceg_model.evaluate:main",
             "aceg-pretrain = aceg_model.pretrain:main",
             "aceg-map = aceg_ros.map_cli:main",
+            "aceg-replay = aceg_ros.replay:main",
             "aceg-gen-scene = aceg_model.scene.cli:main",
             "aceg_localizer = aceg_ros.localizer_node:main",
         ],

@@ -53,7 +53,8 @@ class AppearanceChange:
             x = cv2.filter2D(x, -1, motion_kernel(self.motion_blur_px, rng.uniform(0, np.pi)))
         if self.photons > 0:
             # Shot noise: Poisson photon counts, approximated as Gaussian with variance x / photons.
-            x = x + rng.standard_normal(x.shape, dtype=np.float32) * np.sqrt(x / self.photons)
+            # Blur kernels can ring slightly below zero; no photons there.
+            x = x + rng.standard_normal(x.shape, dtype=np.float32) * np.sqrt(np.maximum(x, 0.0) / self.photons)
         if self.read_noise > 0:
             x = x + rng.standard_normal(x.shape, dtype=np.float32) * np.float32(self.read_noise)
         return np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8)

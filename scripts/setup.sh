@@ -66,6 +66,7 @@ if ! grep -q 'aceg_ros environment' "$VENV/bin/activate"; then
 # aceg_ros environment
 export AMENT_PREFIX_PATH="\$VIRTUAL_ENV"
 export RMW_IMPLEMENTATION="\${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}"
+export OMP_WAIT_POLICY="\${OMP_WAIT_POLICY:-PASSIVE}"
 ACT
 fi
 python -c "from ament_index_python.packages import get_package_share_directory as g; g('aceg_ros')"

@@ -10,4 +10,5 @@ cd "$ROOT"
 # on one machine never see each other's nodes.
 export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-$(( (RANDOM % 90) + 10 ))}"
 export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"  # see aceg_model/__init__.py
 exec python -m pytest -q -p no:cacheprovider "$@"

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from aceg_model.geometry import pose_error
 from aceg_model.localizer import Localizer
-from aceg_model.mapping import METHODS, MappingConfig, SceneMap, map_scene
+from aceg_model.mapping import METHODS, MappingConfig, SceneMap, map_scene, progress_bar
 from aceg_model.metrics import accuracy_summary
 from aceg_model.model import AcegModel, pick_device
 from aceg_model.pnp import PnPConfig
@@ -107,14 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         scene_map = SceneMap.load(args.map, model)
         mapping_seconds = 0.0
     else:
-        bar = tqdm(total=args.iterations, desc=f"mapping ({args.method})", unit="it")
-
-        def progress(stage, done, total, stats):
-            if stage == "optimize":
-                bar.n = done
-                bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.3f}", px=f"{stats.get('median_px', float('nan')):.1f}")
-                bar.refresh()
-
+        progress, bar = progress_bar(args.iterations, f"mapping ({args.method})")
         scene_map, report = map_scene(model, mapping, MappingConfig(method=args.method, iterations=args.iterations), progress)
         bar.close()
         mapping_seconds = time.perf_counter() - t0

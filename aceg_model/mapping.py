@@ -209,3 +209,19 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
         "report": asdict(report),
     }
     return SceneMap(head.eval(), centre_3, meta), report
+
+
+def progress_bar(iterations: int, desc: str) -> tuple[Progress, "object"]:
+    """A tqdm bar for ``map_scene``'s optimization stage: ``(progress callback, bar)``; close the bar after."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=iterations, desc=desc, unit="it")
+
+    def progress(stage: str, done: int, total: int, stats: dict) -> None:
+        if stage == "optimize":
+            bar.n = done
+            bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.3f}",
+                            px=f"{stats.get('median_px', float('nan')):.1f}")
+            bar.refresh()
+
+    return progress, bar

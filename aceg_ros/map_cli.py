@@ -9,9 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
-from aceg_model.mapping import METHODS, MappingConfig, map_scene
+from aceg_model.mapping import METHODS, MappingConfig, map_scene, progress_bar
 from aceg_model.model import AcegModel, pick_device
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "aceg_small.safetensors"
@@ -57,14 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = AcegModel.load(args.model, pick_device(args.device))
         frames = load_frames(args)
-        bar = tqdm(total=args.iterations, desc=f"mapping {len(frames)} frames", unit="it")
-
-        def progress(stage: str, done: int, total: int, stats: dict) -> None:
-            if stage == "optimize":
-                bar.n = done
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", px=f"{stats['median_px']:.1f}")
-                bar.refresh()
-
+        progress, bar = progress_bar(args.iterations, f"mapping {len(frames)} frames")
         t0 = time.perf_counter()
         scene_map, report = map_scene(model, frames, MappingConfig(method=args.method, iterations=args.iterations),
                                       progress)

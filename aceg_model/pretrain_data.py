@@ -105,8 +105,14 @@ def render_bank(out_dir, first_seed: int, count: int, height: int = 240, mapping
     out.mkdir(parents=True, exist_ok=True)
     for seed in range(first_seed, first_seed + count):
         path = out / f"scene-{seed:07d}.npz"
-        if not path.exists():
-            save_views(SceneViews.generate(seed, height, mapping_frames, query_frames), path)
+        if path.exists():
+            continue
+        try:
+            scene = SceneViews.generate(seed, height, mapping_frames, query_frames)
+        except RuntimeError as e:  # a layout too cluttered for a camera path: skip the seed
+            print(f"scene {seed} skipped: {e}", flush=True)
+            continue
+        save_views(scene, path)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,14 @@ class ReprojectionLossConfig:
 
 
 def robust_scale(progress: float, cfg: ReprojectionLossConfig) -> float:
-    """Robust scale in px at ``progress`` in [0, 1]: a cosine from start to end."""
+    """Robust scale in px at ``progress`` in [0, 1]: a quarter circle from start to end.
+
+    It stays near the start for most of the schedule and drops at the end (the
+    shape ACE uses): a cosine dropped too early here and froze points whose
+    error was still large, since the tanh has no gradient beyond a few scales.
+    """
     p = min(max(progress, 0.0), 1.0)
-    return cfg.robust_end_px + 0.5 * (cfg.robust_start_px - cfg.robust_end_px) * (1 + math.cos(math.pi * p))
+    return cfg.robust_end_px + (cfg.robust_start_px - cfg.robust_end_px) * math.sqrt(1.0 - p * p)
 
 
 def reprojection_nll(

@@ -21,7 +21,7 @@ View = Frame  # a rendered view: image, intrinsics, pose, depth, meta['scene_coo
 
 def scene_config(rng: np.random.Generator, height: int, mapping_frames: int, query_frames: int) -> SceneConfig:
     """A generator config with query conditions drawn at random for one scene."""
-    width = height * 4 // 3
+    width = round(height * 4 / 3 / 8) * 8  # 4:3 and a multiple of the encoder stride
     lighting = QuerySpec(n_frames=query_frames, light_gain=float(np.exp(rng.uniform(np.log(0.3), np.log(1.6)))),
                          light_tint=tuple(float(g) for g in np.exp(rng.normal(0, 0.15, 3))),
                          light_move_m=float(rng.uniform(0, 2.0)), sun_move_deg=float(rng.uniform(0, 90)),

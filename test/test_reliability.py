@@ -46,7 +46,7 @@ from aceg_model.safe_files import FileFormatError  # noqa: E402
 from aceg_ros import bag_io  # noqa: E402
 from aceg_ros import ros_conversions as rc  # noqa: E402
 from aceg_ros.bag_io import read_bag_frames, write_bag  # noqa: E402
-from test_node import (H, INTRINSICS, STAMP0, W, Harness, assert_pose_matches, camera_info_msg,  # noqa: E402
+from test_node import (H, STAMP0, W, Harness, assert_pose_matches, camera_info_msg,  # noqa: E402
                        camera_pose, image_msg, make_scene, render, texture)
 from test_node_mapping import SMALL, call, result  # noqa: E402
 

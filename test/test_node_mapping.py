@@ -24,8 +24,9 @@ from aceg_model.frames import Frame, Intrinsics  # noqa: E402
 from aceg_model.mapping import SceneMap  # noqa: E402
 from aceg_ros import ros_conversions as rc  # noqa: E402
 from aceg_ros.bag_io import write_bag  # noqa: E402
-from test_node import (STAMP0, camera_info_msg, camera_pose, image_msg, render, texture,  # noqa: E402
-                       Harness, make_scene)
+# The node-test fixtures (`scene`, `harness`) are shared; `ros` below is this module's rclpy context.
+from test_node import (STAMP0, camera_info_msg, camera_pose, image_msg, render, texture,  # noqa: E402, F401
+                       Harness, harness, scene)
 
 pytestmark = pytest.mark.ros
 
@@ -40,11 +41,6 @@ def ros():
 
 
 @pytest.fixture(scope="module")
-def scene():
-    return make_scene()
-
-
-@pytest.fixture(scope="module")
 def bag(tmp_path_factory):
     tex = texture(0)
     frames = [Frame(render(T, tex, SMALL), SMALL, T, stamp=10.0 + 0.1 * i, name=f"f{i}")
@@ -53,21 +49,6 @@ def bag(tmp_path_factory):
     out = tmp_path_factory.mktemp("bags") / "wall"
     write_bag(frames, out, "mcap")
     return out
-
-
-@pytest.fixture
-def harness(ros, scene):
-    made: list[Harness] = []
-
-    def make(**kw) -> Harness:
-        kw.setdefault("localizer", scene.localizer)
-        h = Harness(**kw)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
 
 
 def call(h: Harness, name: str, timeout: float = 120.0):

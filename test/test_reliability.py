@@ -46,8 +46,9 @@ from aceg_model.safe_files import FileFormatError  # noqa: E402
 from aceg_ros import bag_io  # noqa: E402
 from aceg_ros import ros_conversions as rc  # noqa: E402
 from aceg_ros.bag_io import read_bag_frames, write_bag  # noqa: E402
-from test_node import (H, STAMP0, W, Harness, assert_pose_matches, camera_info_msg,  # noqa: E402
-                       camera_pose, image_msg, make_scene, render, texture)
+# The node-test fixtures (`scene`, `harness`) are shared; `ros` below is this module's rclpy context.
+from test_node import (H, STAMP0, W, Harness, assert_pose_matches, camera_info_msg,  # noqa: E402, F401
+                       camera_pose, harness, image_msg, render, scene, texture)
 from test_node_mapping import SMALL, call, result  # noqa: E402
 
 pytestmark = pytest.mark.ros
@@ -59,26 +60,6 @@ def ros():
     rclpy.init()
     yield
     rclpy.shutdown()
-
-
-@pytest.fixture(scope="module")
-def scene():
-    return make_scene()
-
-
-@pytest.fixture
-def harness(ros, scene):
-    made: list[Harness] = []
-
-    def make(**kw) -> Harness:
-        kw.setdefault("localizer", scene.localizer)
-        h = Harness(**kw)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
 
 
 def wall_frames(n: int, K: Intrinsics = SMALL, first_stamp: float = 10.0) -> list[Frame]:

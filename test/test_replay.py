@@ -135,8 +135,10 @@ def test_bag_without_ground_truth_still_reports_poses(scene, bags, tmp_path) -> 
     localizer, frames = scene
     qbag = replay.open_query_bag(bags["none"])
     assert qbag.gt_source == "" and any("no ground truth" in n for n in qbag.notes)
-    rep = run(qbag, localizer, offline=False, rate=1.0)  # bag timing (a factor of 1)
-    assert not rep["has_ground_truth"] and rep["gt_source"] == "none" and rep["rate"] == "x1"
+    # Bag timing slowed 10x (frames 1 s apart): at x1 (0.1 s apart) a loaded CI machine dropped one
+    # frame by design (newest-frame-only), which is not what this test is about.
+    rep = run(qbag, localizer, offline=False, rate=0.1)
+    assert not rep["has_ground_truth"] and rep["gt_source"] == "none" and rep["rate"] == "x0.1"
     assert rep["n_frames"] == rep["n_query"] == 3 and rep["n_localized"] == 3 and rep["n_failed"] == 0
     assert rep["pct_5cm_5deg"] is None and rep["median_trans_cm"] is None
     for f, frame in zip(rep["frames"], frames):

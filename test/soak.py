@@ -36,8 +36,8 @@ from aceg_model.mapping import MappingConfig, SceneMap, map_scene  # noqa: E402
 from aceg_model.model import AcegModel  # noqa: E402
 from aceg_model.pnp import PnPConfig  # noqa: E402
 from aceg_ros import ros_conversions as rc  # noqa: E402
-from test_node import (Harness, OracleHead, _Recorder, camera_info_msg, camera_pose, image_msg,  # noqa: E402
-                       render, texture, wall_points)
+from test_node import (Harness, camera_info_msg, camera_pose, image_msg, oracle_localizer,  # noqa: E402
+                       render, texture)
 from test_node_mapping import call, result  # noqa: E402
 
 pytestmark = pytest.mark.ros
@@ -74,12 +74,7 @@ def small_scene():
     tex = texture(0)
     poses = [camera_pose(6.0 * i - 6.0, 3.0 * (i % 2), [0.1 * i, 0.2 - 0.15 * i, 0.05 * i]) for i in range(3)]
     images = [render(T, tex, K) for T in poses]
-    head, recorder = OracleHead(), _Recorder()
-    probe = Localizer(model, SceneMap(recorder, np.zeros(3), {}))
-    for image, T in zip(images, poses):
-        _, _, pixels_P2, _, _ = probe.regress(image, K)
-        head.register(recorder.feats, wall_points(T, pixels_P2, K))
-    oracle = Localizer(model, SceneMap(head, np.zeros(3), {"scene": "soak wall"}), PnPConfig(min_inliers=50))
+    oracle = oracle_localizer(model, images, poses, K, PnPConfig(min_inliers=50), name="soak wall")
     return model, oracle, images, poses
 
 

@@ -134,13 +134,18 @@ def make_scene(n_views: int = 3, seed: int = 0) -> Scene:
     tex = texture(seed)
     poses = [camera_pose(6.0 * i - 6.0, 3.0 * (i % 2), [0.1 * i, 0.2 - 0.15 * i, 0.05 * i]) for i in range(n_views)]
     images = [render(T, tex) for T in poses]
+    return Scene(model, oracle_localizer(model, images, poses, INTRINSICS), images, poses)
+
+
+def oracle_localizer(model: AcegModel, images: list[np.ndarray], poses: list[np.ndarray], K: Intrinsics,
+                     pnp: PnPConfig | None = None, name: str = "test wall") -> Localizer:
+    """A real Localizer whose scene head returns the exact wall points of the registered views' patches."""
     head, recorder = OracleHead(), _Recorder()
     probe = Localizer(model, SceneMap(recorder, np.zeros(3), {}))
     for image, T in zip(images, poses):
-        _, _, pixels_P2, _, _ = probe.regress(image, INTRINSICS)
-        head.register(recorder.feats, wall_points(T, pixels_P2, INTRINSICS))
-    localizer = Localizer(model, SceneMap(head, np.zeros(3), {"scene": "test wall"}), PnPConfig())
-    return Scene(model, localizer, images, poses)
+        _, _, pixels_P2, _, _ = probe.regress(image, K)
+        head.register(recorder.feats, wall_points(T, pixels_P2, K))
+    return Localizer(model, SceneMap(head, np.zeros(3), {"scene": name}), pnp or PnPConfig())
 
 
 # --- messages ----------------------------------------------------------------------------------

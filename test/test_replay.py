@@ -17,15 +17,13 @@ import torch
 pytest.importorskip("rclpy")
 from aceg_model.encoder import EncoderConfig  # noqa: E402
 from aceg_model.frames import Frame, Intrinsics  # noqa: E402
-from aceg_model.localizer import Localizer  # noqa: E402
 from aceg_model.mapping import SceneMap, make_head  # noqa: E402
 from aceg_model.model import AcegModel, ModelConfig  # noqa: E402
-from aceg_model.pnp import PnPConfig  # noqa: E402
 from aceg_model.regressor import RegressorConfig  # noqa: E402
 from aceg_ros import replay  # noqa: E402
 from aceg_ros.bag_io import write_bag  # noqa: E402
 from aceg_ros.report import FrameResult, summarize, write_json, write_report  # noqa: E402
-from test_node import OracleHead, _Recorder, camera_pose, render, texture, wall_points  # noqa: E402
+from test_node import camera_pose, oracle_localizer, render, texture  # noqa: E402
 
 pytestmark = pytest.mark.ros
 
@@ -51,12 +49,7 @@ def scene():
     tex = texture(0)
     poses = [camera_pose(5.0 * i - 8.0, 2.0 * (i % 2), [0.08 * i, 0.1 - 0.06 * i, 0.03 * i]) for i in range(4)]
     images = [render(T, tex, K) for T in poses]
-    head, recorder = OracleHead(), _Recorder()
-    probe = Localizer(model, SceneMap(recorder, np.zeros(3), {}))
-    for image, T in zip(images, poses):
-        _, _, pixels_P2, _, _ = probe.regress(image, K)
-        head.register(recorder.feats, wall_points(T, pixels_P2, K))
-    localizer = Localizer(model, SceneMap(head, np.zeros(3), {"scene": "test wall"}), PnPConfig())
+    localizer = oracle_localizer(model, images, poses, K)
     noise = np.random.default_rng(0).integers(0, 256, (K.height, K.width, 3), dtype=np.uint8)
     frames = [Frame(im, K, T, stamp=10.0 + 0.1 * i, name=f"q{i}") for i, (im, T) in enumerate(zip(images, poses))]
     frames.append(Frame(noise, K, poses[0], stamp=10.4, name="noise"))

@@ -59,13 +59,12 @@ class Intrinsics:
         """Square pixels and the principal point at the image centre (7-Scenes convention)."""
         return cls(focal, focal, width / 2.0, height / 2.0, width, height)
 
-    def scaled(self, factor: float) -> "Intrinsics":
-        """Intrinsics of the image resized by ``factor`` (pixel-centre convention kept)."""
-        w, h = round(self.width * factor), round(self.height * factor)
-        sx, sy = w / self.width, h / self.height
-        return Intrinsics(
-            self.fx * sx, self.fy * sy, (self.cx + 0.5) * sx - 0.5, (self.cy + 0.5) * sy - 0.5, w, h
-        )
+    def resized(self, width: int, height: int) -> "Intrinsics":
+        """Intrinsics of the image resized to ``width`` x ``height`` (pixel centres stay integers)."""
+        sx, sy = width / self.width, height / self.height
+        # x' + 0.5 = (x + 0.5) * s: the resize maps pixel edges, not pixel centres, onto each other.
+        return Intrinsics(self.fx * sx, self.fy * sy, (self.cx + 0.5) * sx - 0.5, (self.cy + 0.5) * sy - 0.5,
+                          width, height)
 
 
 @dataclass

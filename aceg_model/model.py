@@ -82,11 +82,7 @@ def prepare_image(image: np.ndarray, intrinsics: Intrinsics, target_height: int)
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
     w, h = working_size(grey.shape[1], grey.shape[0], target_height)
     small = cv2.resize(grey, (w, h), interpolation=cv2.INTER_AREA)
-    sx, sy = w / grey.shape[1], h / grey.shape[0]
-    # Pixel centres are integers: x' + 0.5 = (x + 0.5) * s.
-    K = Intrinsics(intrinsics.fx * sx, intrinsics.fy * sy, (intrinsics.cx + 0.5) * sx - 0.5,
-                   (intrinsics.cy + 0.5) * sy - 0.5, w, h)
-    return torch.from_numpy(small).float().div_(255.0).unsqueeze(0), K
+    return torch.from_numpy(small).float().div_(255.0).unsqueeze(0), intrinsics.resized(w, h)
 
 
 def pick_device(device: str = "auto") -> torch.device:

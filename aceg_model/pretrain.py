@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from aceg_model.losses import ReprojectionLossConfig, coords_nll, info_nce, reprojection_nll
 from aceg_model.model import AcegModel, ModelConfig, prepare_image
-from aceg_model.pretrain_data import SceneViews, View, load_views
+from aceg_model.pretrain_data import SceneViews, T_cam_map, View, load_views, patch_coords
 
 CHECKPOINT_KIND = "aceg-pretrain-state"
 
@@ -109,13 +109,7 @@ class ScenePool:
 
 def sample_patches(view: View, image_size: tuple[int, int], n: int, rng: np.random.Generator):
     """Patch indices with valid scene coordinates at their centres, their GT coords and pixels."""
-    from aceg_model.encoder import patch_centres
-
-    h, w = image_size[0] // 8, image_size[1] // 8
-    pix_P2 = patch_centres(h, w)
-    u = pix_P2[:, 0].round().long().clamp(0, image_size[1] - 1)
-    v = pix_P2[:, 1].round().long().clamp(0, image_size[0] - 1)
-    coords_P3 = torch.from_numpy(view.meta["scene_coords"])[v, u]
+    coords_P3, pix_P2 = patch_coords(view, image_size[0] // 8, image_size[1] // 8)
     ok = torch.isfinite(coords_P3).all(dim=1).nonzero()[:, 0].numpy()
     pick = rng.choice(ok, size=min(n, len(ok)), replace=False) if len(ok) else ok
     pick = torch.from_numpy(np.sort(pick))
@@ -147,18 +141,15 @@ def step_losses(model, views: list[View], codes_S: list[torch.Tensor], centres: 
     ]).to(device)
     l_coords = coords_nll(coords_Sb3.reshape(-1, 3), log_sigma_Sb.reshape(-1), gt_Sb3.reshape(-1, 3))
     # Reprojection NLL exactly as mapping uses it (coords relative to each scene's centre).
-    T_cam_map, K, pix = [], [], []
+    T_list, K, pix = [], [], []
     for s in range(len(codes_S)):
-        T_world_map = np.eye(4)
-        T_world_map[:3, 3] = centres[s]
         for k in range(V):
-            view = views[s * V + k]
-            T = np.linalg.inv(view.T_world_cam) @ T_world_map
-            T_cam_map.append(torch.as_tensor(T, dtype=torch.float32).expand(b, 4, 4))
+            T = T_cam_map(views[s * V + k], centres[s])
+            T_list.append(torch.as_tensor(T, dtype=torch.float32).expand(b, 4, 4))
             K.append(torch.as_tensor(prepared[s * V + k][1].K, dtype=torch.float32).expand(b, 3, 3))
             pix.append(picks[s * V + k][2][:b])
     l_reproj, stats = reprojection_nll(coords_Sb3.reshape(-1, 3), log_sigma_Sb.reshape(-1), torch.cat(pix).to(device),
-                                       torch.cat(T_cam_map).to(device), torch.cat(K).to(device), progress, loss_cfg)
+                                       torch.cat(T_list).to(device), torch.cat(K).to(device), progress, loss_cfg)
     err = (coords_Sb3 - gt_Sb3).norm(dim=-1)
     return l_coords, l_reproj, {"median_err_cm": 100 * err.median().item(), **stats}, feats_BDhw, prepared
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
+from aceg_model.encoder import patch_centres
 from aceg_model.frames import Frame, Intrinsics
+from aceg_model.geometry import invert
 from aceg_model.scene import PRESETS, QuerySpec, SceneConfig, correspondences, generate_scene
 
 View = Frame  # a rendered view: image, intrinsics, pose, depth, meta['scene_coords']
@@ -57,6 +60,23 @@ class SceneViews:
     def query_view(self, rng: np.random.Generator) -> View:
         view = self.queries[rng.integers(len(self.queries))]
         return view.with_image(PRESETS["random_strong"].apply(view.image, rng))
+
+
+def patch_coords(view: View, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scene coordinates P x 3 at the centres of an h x w patch grid, NaN where nothing was hit;
+    the patch-centre pixels P x 2), row-major like the encoder's flattened features."""
+    pix_P2 = patch_centres(h, w)
+    H, W = view.meta["scene_coords"].shape[:2]
+    u = pix_P2[:, 0].round().long().clamp(0, W - 1)
+    v = pix_P2[:, 1].round().long().clamp(0, H - 1)
+    return torch.from_numpy(view.meta["scene_coords"])[v, u], pix_P2
+
+
+def T_cam_map(view: View, centre_3: np.ndarray) -> np.ndarray:
+    """World-to-camera pose of ``view`` for points in the map frame (the scene frame shifted to ``centre_3``)."""
+    T_world_map = np.eye(4)
+    T_world_map[:3, 3] = centre_3
+    return invert(view.T_world_cam) @ T_world_map
 
 
 def view_correspondences(a: View, b: View, Ka: Intrinsics, Kb: Intrinsics, n: int,

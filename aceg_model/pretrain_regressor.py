@@ -24,7 +24,7 @@ import torch
 from aceg_model.encoder import patch_centres
 from aceg_model.losses import ReprojectionLossConfig, coords_nll, reprojection_nll
 from aceg_model.model import AcegModel, prepare_image
-from aceg_model.pretrain_data import SceneViews, load_views
+from aceg_model.pretrain_data import SceneViews, T_cam_map, load_views, patch_coords
 
 
 @dataclass
@@ -52,13 +52,9 @@ def cache_scene(model: AcegModel, scene: SceneViews, rng: np.random.Generator) -
         Ks.append(K.K)
     feats = torch.cat([model.encoder(torch.stack(images[i:i + 16])) for i in range(0, len(images), 16)])
     V, D, h, w = feats.shape
-    pix_P2 = patch_centres(h, w)
-    u, v_ = pix_P2[:, 0].round().long(), pix_P2[:, 1].round().long()
     centre = torch.as_tensor(scene.centre_3, dtype=torch.float32)
-    coords = torch.stack([torch.from_numpy(vw.meta["scene_coords"])[v_, u] for vw in views]) - centre
-    T_world_map = np.eye(4)
-    T_world_map[:3, 3] = scene.centre_3
-    T = np.stack([np.linalg.inv(vw.T_world_cam) @ T_world_map for vw in views])
+    coords = torch.stack([patch_coords(vw, h, w)[0] for vw in views]) - centre
+    T = np.stack([T_cam_map(vw, scene.centre_3) for vw in views])
     return CachedScene(feats.flatten(2).transpose(1, 2).half(), coords, torch.as_tensor(T, dtype=torch.float32),
                        torch.as_tensor(np.stack(Ks), dtype=torch.float32), len(scene.mapping))
 

@@ -1,7 +1,7 @@
 """Scene heads: what mapping optimizes for one scene, on top of frozen encoder features.
 
 - ``CodesHead`` (ACE-G): the pre-trained regressor, frozen, with the scene's
-  map codes as the only trainable tensor.
+  map codes (landmark keys and positions) as the only trainable tensors.
 - ``MlpHead`` (the ACE-style baseline): a per-scene MLP trained from scratch,
   the same kind of head ACE uses, so both methods share encoder, data,
   loss and budget and differ only in how the scene is represented.
@@ -20,20 +20,33 @@ from aceg_model.regressor import Regressor
 
 
 class CodesHead(nn.Module):
+    """The frozen regressor plus one scene's codes, held as keys and positions (two learning rates)."""
+
     method = "aceg"
 
-    def __init__(self, regressor: Regressor, codes_MD: torch.Tensor) -> None:
+    def __init__(self, regressor: Regressor, codes_MC: torch.Tensor) -> None:
         super().__init__()
         self.regressor = regressor.requires_grad_(False)
-        self.codes = nn.Parameter(codes_MD.clone())
+        k = regressor.config.key_dim
+        if codes_MC.dim() != 2 or codes_MC.shape[1] != regressor.config.code_width:
+            raise ValueError(f"codes must be M x {regressor.config.code_width}, got {tuple(codes_MC.shape)}")
+        self.keys = nn.Parameter(codes_MC[:, :k].clone())
+        self.positions = nn.Parameter(codes_MC[:, k:].clone())
+
+    @property
+    def codes(self) -> torch.Tensor:
+        return torch.cat([self.keys, self.positions], dim=1)
 
     def scene_tensors(self) -> dict[str, torch.Tensor]:
-        # fp16 halves the file; codes pass through LayerNorm, which shrugs off the rounding.
-        return {"codes": self.codes.detach().to("cpu", torch.float16).contiguous()}
+        # float32: positions are metres and fp16 would round them to ~4 mm at 5 m.
+        return {"codes": self.codes.detach().to("cpu", torch.float32).contiguous()}
 
     def load_scene_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        k = self.regressor.config.key_dim
+        codes = tensors["codes"].float()
         with torch.no_grad():
-            self.codes.copy_(tensors["codes"].float())
+            self.keys.copy_(codes[:, :k])
+            self.positions.copy_(codes[:, k:])
 
     def forward(self, feats_bF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         coords_1b3, log_sigma_1b = self.regressor(feats_bF.unsqueeze(0), self.codes.unsqueeze(0))

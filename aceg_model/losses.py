@@ -27,7 +27,7 @@ class ReprojectionLossConfig:
     min_depth: float = 0.1  # m
     max_depth: float = 100.0  # m
     max_reproj_px: float = 1000.0  # px; larger errors are treated as invalid
-    target_depth: float = 3.0  # m; rooms, not streets (ACE uses 10 m)
+    target_depth: float = 2.0  # m; rooms, not streets (ACE uses 10 m); also where mapping seeds landmarks
     robust_start_px: float = 50.0  # px; the robust scale anneals from here...
     robust_end_px: float = 3.0  # ...to here over the mapping schedule
     min_sigma_px: float = 0.5  # floor on the pixel scale so the NLL stays bounded

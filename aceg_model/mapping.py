@@ -10,12 +10,14 @@ coordinates and minimizes the reprojection NLL under the known mapping poses
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from aceg_model.encoder import patch_centres
 from aceg_model.frames import Frame
@@ -36,7 +38,8 @@ class MappingConfig:
     method: str = "aceg"  # 'aceg' (map codes) or 'ace' (per-scene MLP baseline)
     iterations: int = 1500  # FINDINGS.md: the mapping fit plateaued after ~1500 iterations
     batch_patches: int = 4096
-    lr: float = 0.02  # Adam; codes are unit-variance and pass through LayerNorm
+    lr_keys: float = 0.01  # Adam on the landmark keys (compared by cosine, so unitless)
+    lr_positions: float = 0.02  # Adam on the landmark positions, metres per step at most
     lr_ace: float = 1e-3  # the MLP baseline's Adam learning rate
     lr_final_frac: float = 0.05  # cosine decay to this fraction
     seed: int = 0
@@ -57,7 +60,7 @@ def make_head(model: AcegModel, method: str, seed: int = 0) -> torch.nn.Module:
         head = CodesHead(model.regressor, model.regressor.init_codes(1, gen)[0])
     elif method == "ace":
         torch.manual_seed(seed)
-        head = MlpHead(model.config.encoder.out_dim, coord_scale=model.config.regressor.coord_scale)
+        head = MlpHead(model.config.encoder.out_dim)
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return head.to(model.device)
@@ -159,6 +162,21 @@ def cache_features(model: AcegModel, frames: Sequence[Frame], centre_3: np.ndarr
     )
 
 
+@torch.no_grad()
+def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch.Generator) -> torch.Tensor:
+    """Initial codes from the mapping images alone: M patches drawn across all images become
+    landmarks, keyed by their own features and placed on their viewing rays at ``depth_m``.
+    The reprojection loss then triangulates them from every view whose patches attend to them."""
+    M, n = model.config.regressor.n_codes, len(cache.feats_NF)
+    sel = torch.randperm(n, generator=gen)[:M] if n >= M else torch.randint(n, (M,), generator=gen)
+    sel = sel.to(cache.feats_NF.device)
+    img = cache.image_idx_N[sel]
+    rays_M3 = torch.einsum("mij,mj->mi", torch.linalg.inv(cache.K_I33[img]), F.pad(cache.pixels_N2[sel], (0, 1), value=1.0))
+    T_map_cam_M44 = torch.linalg.inv(cache.T_cam_map_I44[img])
+    pos_M3 = torch.einsum("mij,mj->mi", T_map_cam_M44[:, :3, :3], rays_M3 * depth_m) + T_map_cam_M44[:, :3, 3]
+    return model.regressor.seed_codes(cache.feats_NF[sel].float(), pos_M3)
+
+
 def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig | None = None,
               progress: Progress | None = None) -> tuple[SceneMap, MappingReport]:
     """Fit a scene head to ``frames`` (posed RGB + intrinsics). ``progress(stage, done, total, stats)``."""
@@ -174,12 +192,16 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
     cache = cache_features(model, frames, centre_3, cfg.encode_batch, progress)
     t_encode = time.perf_counter() - t0
 
-    head = make_head(model, cfg.method, cfg.seed).train()
-    params = [p for p in head.parameters() if p.requires_grad]
-    lr = cfg.lr if cfg.method == "aceg" else cfg.lr_ace
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iterations, eta_min=lr * cfg.lr_final_frac)
     gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.method == "aceg":
+        head = CodesHead(model.regressor, seed_codes(model, cache, cfg.loss.target_depth, gen)).train()
+        groups = [{"params": [head.keys], "lr": cfg.lr_keys}, {"params": [head.positions], "lr": cfg.lr_positions}]
+    else:
+        head = make_head(model, cfg.method, cfg.seed).train()
+        groups = [{"params": list(head.parameters()), "lr": cfg.lr_ace}]
+    opt = torch.optim.Adam(groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # cosine decay to lr_final_frac of each group's rate
+        opt, lambda it: cfg.lr_final_frac + (1 - cfg.lr_final_frac) * 0.5 * (1 + math.cos(math.pi * it / cfg.iterations)))
     n = len(cache.feats_NF)
     loss_val, stats = float("nan"), {"valid": float("nan"), "median_px": float("nan")}
     t1 = time.perf_counter()

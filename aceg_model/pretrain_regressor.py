@@ -1,13 +1,12 @@
-"""Stage 2 of CPU pre-training: the regressor and per-scene codes on frozen, cached encoder features.
+"""Stage 2 of CPU pre-training: the regressor on frozen, cached encoder features.
 
-With the encoder frozen, every view of a scene is encoded once; a training
-step is then only the regressor (cross-attention over the codes), tens of
-times cheaper than a full step, so a CPU can afford the thousands of
-mapping/query iterations the scene-coordinate loss needs to get going
-(FINDINGS.md: it stayed at the predict-the-mean level for thousands of
-full iterations). Same losses and the same alternation as ``pretrain``:
-mapping iterations update codes + regressor on mapping views, query
-iterations update the regressor alone on query views (codes fixed).
+Stage 1 (``aceg-pretrain``) trains the encoder, whose dense correspondence
+loss is what gets a CPU-trained encoder going (FINDINGS.md). With the encoder
+frozen, every view of a scene is encoded once, and a step is only the
+regressor, tens of times cheaper than a full step. Each step is a query
+iteration: a scene's codes are seeded from its mapping views (what mapping
+does, with rendered positions standing in for a triangulated map) and query
+views under strong lighting and viewpoint changes must find their landmarks.
 """
 from __future__ import annotations
 
@@ -20,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from aceg_model.encoder import patch_centres
-from aceg_model.losses import ReprojectionLossConfig, coords_nll, reprojection_nll
+from aceg_model.losses import coords_nll
 from aceg_model.model import AcegModel, prepare_image
 from aceg_model.pretrain_data import SceneViews, T_cam_map, load_views, patch_coords
 
@@ -69,50 +68,82 @@ def sample(cs: CachedScene, query: bool, n: int, gen: torch.Generator):
     return cs.feats_VPF[v, p].float(), cs.coords_VP3[v, p], v, p
 
 
+def landmark_targets(gt_Sb3: torch.Tensor, landmarks_SL3: torch.Tensor, radius_m: float) -> torch.Tensor:
+    """Index of the landmark nearest to each patch's true 3D point, or -100 (ignored) beyond ``radius_m``."""
+    d_SbL = torch.cdist(torch.nan_to_num(gt_Sb3, nan=1e6), landmarks_SL3)
+    dist, idx = d_SbL.min(dim=-1)
+    return torch.where(dist < radius_m, idx, torch.full_like(idx, -100))
+
+
 def train(model: AcegModel, scenes: list[CachedScene], out: Path, minutes: float, scenes_per_step: int = 8,
-          patches: int = 512, lr: float = 3e-4, code_lr: float = 0.02, w_reproj: float = 0.05, seed: int = 0) -> None:
+          landmarks: int = 2048, patches: int = 512, lr: float = 1e-3, w_match: float = 1.0,
+          position_noise_m: float = 0.02, match_radius_m: float = 0.05, seed: int = 0) -> None:
+    """Query iterations on frozen features: per scene, landmarks seeded from mapping views (keys from
+    their features, positions from the rendered coordinates plus noise, like a triangulated map),
+    then query-view patches (strong photometric and viewpoint changes) regress their coordinates.
+    Losses: 3D error + Laplace NLL (trains the uncertainty), and a cross-entropy that makes each
+    query attend to the landmark at its true 3D point (metric learning for the keys)."""
     gen = torch.Generator().manual_seed(seed)
     model.encoder.requires_grad_(False)
     model.regressor.requires_grad_(True)
-    codes = [torch.nn.Parameter(c) for c in model.regressor.init_codes(len(scenes), gen)]
     opt = torch.optim.AdamW(model.regressor.parameters(), lr=lr, weight_decay=0.01)
-    code_opt = torch.optim.Adam(codes, lr=code_lr)
-    loss_cfg = ReprojectionLossConfig()
-    pix_P2 = patch_centres(model.config.image_height // 8, scenes[0].feats_VPF.shape[1] // (model.config.image_height // 8))
     t0, step, log = time.perf_counter(), 0, out / "regressor_log.jsonl"
     while time.perf_counter() - t0 < minutes * 60:
         frac = (time.perf_counter() - t0) / (minutes * 60)
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * frac))
         pick = torch.randperm(len(scenes), generator=gen)[:scenes_per_step].tolist()
-        stats = {}
-        for phase in ("mapping", "query"):
-            batch = [sample(scenes[i], phase == "query", patches, gen) for i in pick]
-            b = min(len(x[0]) for x in batch)
-            feats = torch.stack([x[0][:b] for x in batch])
-            gt = torch.stack([x[1][:b] for x in batch])
-            c = torch.stack([codes[i] if phase == "mapping" else codes[i].detach() for i in pick])
-            coords, log_sigma = model.regressor(feats, c)
-            loss = coords_nll(coords.reshape(-1, 3), log_sigma.reshape(-1), gt.reshape(-1, 3))
-            T = torch.cat([scenes[i].T_cam_map_V44[x[2][:b]] for i, x in zip(pick, batch)])
-            K = torch.cat([scenes[i].K_V33[x[2][:b]] for i, x in zip(pick, batch)])
-            pix = torch.cat([pix_P2[x[3][:b]] for x in batch])
-            l_rep, _ = reprojection_nll(coords.reshape(-1, 3), log_sigma.reshape(-1), pix, T, K, frac, loss_cfg)
-            opt.zero_grad(set_to_none=True)
-            code_opt.zero_grad(set_to_none=True)
-            (loss + w_reproj * l_rep).backward()
-            torch.nn.utils.clip_grad_norm_(model.regressor.parameters(), 1.0)
-            opt.step()
-            if phase == "mapping":
-                code_opt.step()
-            stats[phase] = round(100 * (coords - gt).norm(dim=-1).median().item(), 1)
+        lm = [sample(scenes[i], False, landmarks, gen) for i in pick]
+        qs = [sample(scenes[i], True, patches, gen) for i in pick]
+        L, b = min(len(x[0]) for x in lm), min(len(x[0]) for x in qs)
+        lm_pos = torch.stack([x[1][:L] for x in lm])
+        noisy = lm_pos + position_noise_m * torch.randn(lm_pos.shape, generator=gen)
+        codes = torch.stack([model.regressor.seed_codes(x[0][:L], p) for x, p in zip(lm, noisy)])
+        feats, gt = torch.stack([x[0][:b] for x in qs]), torch.stack([x[1][:b] for x in qs])
+        coords, log_sigma = model.regressor(feats, codes)
+        l_coords = coords_nll(coords.reshape(-1, 3), log_sigma.reshape(-1), gt.reshape(-1, 3))
+        _, q = model.regressor.queries(feats)
+        logits = model.regressor.attention_logits(q, codes)
+        target = landmark_targets(gt, lm_pos, match_radius_m)
+        l_match = F.cross_entropy(logits.reshape(-1, L), target.reshape(-1), ignore_index=-100) \
+            if (target >= 0).any() else logits.sum() * 0.0
+        opt.zero_grad(set_to_none=True)
+        (l_coords + w_match * l_match).backward()
+        torch.nn.utils.clip_grad_norm_(model.regressor.parameters(), 1.0)
+        opt.step()
         if step % 50 == 0:
-            line = {"step": step, "elapsed_s": round(time.perf_counter() - t0, 1), "median_err_cm": stats}
+            with torch.no_grad():
+                err = (coords - gt).norm(dim=-1)
+                ok = torch.isfinite(err)
+                sig = log_sigma[ok].exp()
+                # Does the uncertainty rank errors? Median error of the most and least confident halves.
+                order = sig.argsort()
+                e = err[ok][order]
+                line = {"step": step, "elapsed_s": round(time.perf_counter() - t0, 1),
+                        "coords": round(l_coords.item(), 3), "match": round(l_match.item(), 3),
+                        "median_err_cm": round(100 * e.median().item(), 1),
+                        "median_err_cm_confident_half": round(100 * e[: len(e) // 2].median().item(), 1),
+                        "matched_frac": round((target >= 0).float().mean().item(), 3),
+                        "temperature": round(model.regressor.log_temperature.exp().item(), 1)}
             print(json.dumps(line), flush=True)
             with open(log, "a") as f:
                 f.write(json.dumps(line) + "\n")
         step += 1
     model.requires_grad_(True)
+
+
+def with_encoder_of(path: Path) -> AcegModel:
+    """A model with the current regressor design and the (frozen) encoder of the checkpoint at ``path``."""
+    from aceg_model.encoder import EncoderConfig
+    from aceg_model.model import MODEL_KIND, ModelConfig
+    from aceg_model.safe_files import load_tensors, read_meta
+
+    meta = read_meta(path, kind=MODEL_KIND)["config"]
+    enc = dict(meta["encoder"], channels=tuple(meta["encoder"]["channels"]), dilations=tuple(meta["encoder"]["dilations"]))
+    model = AcegModel(ModelConfig(encoder=EncoderConfig(**enc), image_height=int(meta["image_height"])))
+    tensors, _ = load_tensors(path, kind=MODEL_KIND)
+    model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")})
+    return model.eval()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="output folder (model.safetensors, log)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    model = AcegModel.load(args.model)
+    model = with_encoder_of(args.model)
     rng = np.random.default_rng(0)
     files = sorted(args.bank.glob("scene-*.npz"))[: args.scenes]
     t0 = time.perf_counter()
@@ -134,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     train(model, scenes, args.out, args.minutes)
     model.save(args.out / "model.safetensors", {"stage2": {"scenes": len(scenes), "minutes": args.minutes,
-                                                          "bank": str(args.bank)}})
+                                                          "bank": str(args.bank), "encoder_from": str(args.model)}})
     print(f"wrote {args.out / 'model.safetensors'}")
     return 0
 

@@ -112,9 +112,12 @@ def test_mapping_brings_points_in_front_and_fits(model: AcegModel, method: str) 
     frames = synthetic_frames(4)
     first, rep_first = map_scene(model, frames, MappingConfig(method=method, iterations=1, batch_patches=512))
     fitted, rep = map_scene(model, frames, MappingConfig(method=method, iterations=80, batch_patches=1024))
-    # Random initial predictions are mostly invalid (behind the camera or far off);
-    # the pull towards the pixel rays makes them valid, then the fit improves.
-    assert rep_first.final_valid < 0.5 < rep.final_valid
+    # ACE: random initial predictions are mostly invalid (behind the camera or far off) and
+    # the pull towards the pixel rays makes them valid. ACE-G seeds its landmarks on those
+    # rays, so it starts valid. Either way the fit then improves.
+    assert rep.final_valid > 0.5
+    if method == "ace":
+        assert rep_first.final_valid < 0.5
     assert median_reprojection_px(model, fitted, frames) < median_reprojection_px(model, first, frames)
     assert fitted.method == method
 
@@ -133,8 +136,8 @@ def test_map_file_round_trips_and_refuses_another_model(model: AcegModel, tmp_pa
     with torch.no_grad():
         a, _ = scene_map.predict(feats)
         b, _ = loaded.predict(feats)
-    # Codes are stored in fp16: predictions agree to well under a millimetre at room scale.
-    assert torch.allclose(a, b, atol=5e-3)
+    # ACE-G codes are stored in float32 (positions are metres), the MLP baseline in fp16.
+    assert torch.allclose(a, b, atol=1e-5)
     assert np.array_equal(loaded.centre_3, scene_map.centre_3)
     other = AcegModel(model.config)
     with pytest.raises(ValueError, match="model_hash"):

@@ -51,7 +51,7 @@ def test_stage2_trains_the_regressor_only(bank: Path, tmp_path: Path) -> None:
     scenes = [cache_scene(model, load_views(f), rng) for f in sorted(bank.glob("*.npz"))]
     enc_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     reg_before = {k: v.clone() for k, v in model.regressor.state_dict().items()}
-    train(model, scenes, tmp_path, minutes=0.02, scenes_per_step=2, patches=32)
+    train(model, scenes, tmp_path, minutes=0.02, scenes_per_step=2, landmarks=64, patches=32)
     assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in enc_before.items())
     assert any(not torch.equal(v, model.regressor.state_dict()[k]) for k, v in reg_before.items())
     assert (tmp_path / "regressor_log.jsonl").exists()

@@ -38,7 +38,7 @@ def tiny_model(seed: int = 0) -> AcegModel:
     """A small random network working at 120 px height (the oracle head makes its features exact)."""
     torch.manual_seed(seed)
     cfg = ModelConfig(EncoderConfig(channels=(16, 32, 64), dilations=(1, 2), bottleneck=32, out_dim=64),
-                      RegressorConfig(feat_dim=64, dim=32, n_codes=16, n_layers=1, n_heads=2), image_height=120)
+                      RegressorConfig(feat_dim=64, dim=32, key_dim=16, n_codes=16, n_layers=1), image_height=120)
     return AcegModel(cfg).eval()
 
 

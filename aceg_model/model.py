@@ -61,7 +61,12 @@ class AcegModel(nn.Module):
         from aceg_model.safe_files import load_tensors, read_meta
 
         meta = read_meta(path, kind=MODEL_KIND)
-        model = cls(ModelConfig.from_dict(meta["config"]))
+        try:
+            config = ModelConfig.from_dict(meta["config"])
+        except (KeyError, TypeError) as e:  # a checkpoint of an older network design
+            raise ValueError(f"{path}: model config does not match this version of aceg_model ({e}); "
+                             "use a checkpoint made by this version") from e
+        model = cls(config)
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         tensors, meta = load_tensors(path, kind=MODEL_KIND, expected_shapes=shapes)
         model.load_state_dict(tensors)

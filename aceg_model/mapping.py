@@ -1,7 +1,8 @@
 """Mapping a new scene: optimize a scene head alone from posed RGB images.
 
 For ACE-G the head is the frozen pre-trained regressor and the trainable part
-is the map codes (``heads.CodesHead``); for the ACE-style baseline it is a
+is the map codes (``heads.CodesHead``), seeded from the mapping images
+themselves (``seed_codes``: random patches become landmarks on their rays); for the ACE-style baseline it is a
 per-scene MLP (``heads.MlpHead``). The encoder is frozen. Features are
 computed once per image and cached; every iteration samples patches across
 all mapping images (patches are independent), regresses their scene
@@ -36,7 +37,7 @@ Progress = Callable[[str, int, int, dict], None]
 @dataclass
 class MappingConfig:
     method: str = "aceg"  # 'aceg' (map codes) or 'ace' (per-scene MLP baseline)
-    iterations: int = 1500  # FINDINGS.md: the mapping fit plateaued after ~1500 iterations
+    iterations: int = 300  # ~1 s each on the 2-core CPU at the default batch; see benchmarks/README.md
     batch_patches: int = 4096
     lr_keys: float = 0.01  # Adam on the landmark keys (compared by cosine, so unitless)
     lr_positions: float = 0.02  # Adam on the landmark positions, metres per step at most

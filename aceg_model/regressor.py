@@ -79,6 +79,10 @@ class Regressor(nn.Module):
         self.head = nn.Sequential(nn.Linear(c.dim + 2, c.dim), nn.GELU(), nn.Linear(c.dim, 4))
         nn.init.zeros_(self.head[-1].weight)  # start from the pure attended position and sigma = 10 cm
         nn.init.zeros_(self.head[-1].bias)
+        # A spread-out attention (high entropy) or a poor best match (low cosine) means the patch
+        # found no landmark of its own: its uncertainty grows with both from the start, before
+        # any training of the head, so the PnP prefilter can rank correspondences.
+        self.confidence_weights = nn.Parameter(torch.tensor([3.0, 3.0]))
 
     def queries(self, feats_SbF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens ``S x b x D``, unit query vectors ``S x b x K``) of patch features."""
@@ -122,6 +126,8 @@ class Regressor(nn.Module):
             entropy = -(att_SbM * att_SbM.clamp(min=1e-12).log()).sum(dim=-1) / math.log(codes_SMC.shape[1])
         out_Sb4 = self.head(torch.cat([self.norm_out(x), best_cos.unsqueeze(-1), entropy.unsqueeze(-1)], dim=-1))
         coords_Sb3 = attended_Sb3 + c.offset_scale * torch.tanh(out_Sb4[..., :3])
-        # log sigma around 10 cm at init; clamped so the NLL cannot run away.
-        log_sigma_Sb = (out_Sb4[..., 3] + math.log(0.1)).clamp(math.log(1e-3), math.log(10.0))
+        # log sigma from 10 cm for a sharp, exact match up; clamped so the NLL cannot run away.
+        w_ent, w_cos = self.confidence_weights
+        log_sigma_Sb = (out_Sb4[..., 3] + math.log(0.1) + w_ent * entropy + w_cos * (1.0 - best_cos))
+        log_sigma_Sb = log_sigma_Sb.clamp(math.log(1e-3), math.log(10.0))
         return coords_Sb3, log_sigma_Sb

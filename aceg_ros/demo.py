@@ -276,8 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--query-frames", type=int, default=None,
                    help=f"frames per query condition (default {GENERATED['query_frames']} generated, "
                    f"{REAL['query_frames']} from --data)")
-    p.add_argument("--iterations", type=int, default=600, help="mapping iterations (the node's mapping.iterations; "
-                   "1500 is the full default, about 2.5x the time)")
+    p.add_argument("--iterations", type=int, default=300, help="mapping iterations (the node's mapping.iterations)")
     p.add_argument("--batch-patches", type=int, default=2048, help="patches per mapping iteration")
     p.add_argument("--rate", default="max", help="replay pacing: max | recorded | FACTOR (see aceg-replay)")
     p.add_argument("--timeout", type=float, default=60.0, help="longest wait for the node's answer to one image (s)")

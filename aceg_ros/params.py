@@ -106,7 +106,7 @@ PARAMETERS: tuple[Spec, ...] = (
     Spec("mapping.max_pose_gap", 0.05, "largest time between an image and the pose samples it is "
          "interpolated from; farther images are dropped [s]", CALL, range=(0.0, 10.0)),
     Spec("mapping.output", "", "map file to write (atomically) [path]; '' = map_path", CALL),
-    Spec("mapping.iterations", 1500, "optimization iterations [count]", CALL, range=(1, 1_000_000)),
+    Spec("mapping.iterations", 300, "optimization iterations [count]", CALL, range=(1, 1_000_000)),
     Spec("mapping.batch_patches", 4096, "patches per optimization step (lower it if GPU memory is short) [count]",
          CALL, range=(64, 1_000_000)),
     Spec("mapping.method", "aceg", "aceg = optimize map codes of the pre-trained regressor; ace = the "

@@ -174,10 +174,15 @@ def test_bad_bags_over_the_service_keep_the_old_map(harness, scene, old_map, tmp
     zero_bag = bag_with_broken_pose(tmp_path, "zero_quat", 4, [0.0, 0.0, 0.0, 0.0], monkeypatch)
     two = tmp_path / "two_frames"
     write_bag(wall_frames(2), two, "mcap")
+    truncated = tmp_path / "truncated"  # a recording killed mid-file: no summary, no end magic
+    write_bag(wall_frames(6), truncated, "mcap")
+    mcap = next(truncated.glob("*.mcap"))
+    mcap.write_bytes(mcap.read_bytes()[: int(mcap.stat().st_size * 0.6)])
     h = harness(overrides={"mapping.output": str(out), "mapping.iterations": 2, "mapping.batch_patches": 256})
     for bag, expected in ((nan_bag, "quaternion must be finite and non-zero"),
                           (zero_bag, "quaternion must be finite and non-zero"),
-                          (two, "at least 3 posed frames, got 2")):
+                          (two, "at least 3 posed frames, got 2"),
+                          (truncated, "not a readable rosbag2 bag")):
         assert h.node.set_parameters([Parameter("mapping.bag", value=str(bag))])[0].successful
         reply = result(h, call(h, "map_scene"), timeout=60.0)
         assert not reply.success and expected in reply.message, (expected, reply.message)

@@ -308,3 +308,22 @@ def open_splits(args: argparse.Namespace):
                 open_dataset(args.data, args.kind, args.query_split, **kw))
     except TypeError as e:  # a layout's loader that takes no focal (posed folders carry intrinsics)
         raise ValueError(f"{args.data}: {e}; drop --focal for this layout") from e
+
+
+def start_run(name: str, args: argparse.Namespace):
+    """Threads, device, model and data splits of a benchmark run, plus its JSON path and header;
+    ``None`` (after printing why) when an argument or input is bad."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    from aceg_model.model import pick_device
+
+    try:
+        device = pick_device(args.device)
+        model = load_model(args.model, device)
+        mapping_ds, query_ds = open_splits(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return None
+    out = run_header(name, args, device)
+    out["model"] = model_info(model, args.model)
+    return device, model, mapping_ds, query_ds, args.json or default_json(name, device), out

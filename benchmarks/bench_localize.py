@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -23,15 +22,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from _common import (MemoryProbe, add_common_args, default_json, evenly_spaced, load_model, model_info, now,
-                     open_splits, ratios, resize_frame_image, run_header, summarize_ms, write_json)
+from _common import (MemoryProbe, add_common_args, evenly_spaced, now,
+                     ratios, resize_frame_image, start_run, summarize_ms, write_json)
 
 from aceg_model.frames import Frame
 from aceg_model.geometry import pose_error
 from aceg_model.localizer import Localizer
 from aceg_model.mapping import METHODS, MIN_MAPPING_FRAMES, MappingConfig, SceneMap, map_scene, progress_bar
 from aceg_model.metrics import accuracy_summary
-from aceg_model.model import AcegModel, pick_device
+from aceg_model.model import AcegModel
 
 NAME = "bench_localize"
 # Localizer timing keys -> the stage names reported here.
@@ -164,18 +163,10 @@ def print_table(out: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        device = pick_device(args.device)
-        model = load_model(args.model, device)
-        mapping_ds, query_ds = open_splits(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{NAME}: {e}", file=sys.stderr)
+    started = start_run(NAME, args)
+    if started is None:
         return 2
-    json_path = args.json or default_json(NAME, device)
-    out = run_header(NAME, args, device)
-    out["model"] = model_info(model, args.model)
+    device, model, mapping_ds, query_ds, json_path, out = started
 
     # Frames are decoded once up front so disk and JPEG decoding stay out of every timing.
     map_idx = evenly_spaced(len(mapping_ds), args.mapping_frames)

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from _common import (MemoryProbe, add_common_args, default_json, evenly_spaced, load_model, model_info, now,
-                     open_splits, ratios, run_header, write_json)
+from _common import (MemoryProbe, add_common_args, evenly_spaced, now,
+                     ratios, start_run, write_json)
 
 from aceg_model.evaluate import evaluate_queries
 from aceg_model.frames import Frame
 from aceg_model.localizer import Localizer
 from aceg_model.mapping import METHODS, MIN_MAPPING_FRAMES, MappingConfig, map_scene, progress_bar
-from aceg_model.model import AcegModel, pick_device
+from aceg_model.model import AcegModel
 
 NAME = "bench_mapping"
 ACCURACY_KEYS = ("pct_5cm_5deg", "pct_10cm_10deg", "median_trans_cm", "median_rot_deg", "n_failed", "n_query",
@@ -113,18 +113,10 @@ def ratio_table(runs: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        device = pick_device(args.device)
-        model = load_model(args.model, device)
-        mapping_ds, query_ds = open_splits(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{NAME}: {e}", file=sys.stderr)
+    started = start_run(NAME, args)
+    if started is None:
         return 2
-    json_path = args.json or default_json(NAME, device)
-    out = run_header(NAME, args, device)
-    out["model"] = model_info(model, args.model)
+    device, model, mapping_ds, query_ds, json_path, out = started
     if max(args.frames) > len(mapping_ds):
         print(f"{NAME}: the mapping split has {len(mapping_ds)} frames; larger --frames use all of them",
               file=sys.stderr)

@@ -51,8 +51,9 @@ class PnPConfig:
     # Uncertainty prefilter (applied only when uncertainties are given):
     # drop correspondences above max_uncertainty (the regressor's units;
     # None = no threshold), then keep the top_k most certain (None = all).
-    # 2000 of the 60x80 = 4800 patches at stride 8 bounds RANSAC time and
-    # keeps the most certain ~40%.
+    # The model works at 240 px height: 30x40 = 1200 patches per image, so
+    # 2000 keeps them all and only bounds RANSAC time for larger working
+    # sizes. Lowering it trades inliers for inlier ratio; not yet tuned.
     max_uncertainty: float | None = None
     top_k: int | None = 2000
     # Floor on the residual standard deviation used for the covariance, so

@@ -272,6 +272,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-patches", type=int, default=None,
                    help="patches per mapping iteration (default: MappingConfig's)")
     p.add_argument("--seed", type=int, default=0, help="mapping seed (same for both methods)")
+    p.add_argument("--methods", nargs="+", choices=("aceg", "ace"), default=["aceg", "ace"],
+                   help="scene heads to compare (ratios need both aceg and ace)")
     p.add_argument("--json", type=Path, default=None,
                    help="output JSON (default: benchmarks/results/<benchmark>-<machine tag>.json)")
 

@@ -28,7 +28,7 @@ from _common import (MemoryProbe, add_common_args, evenly_spaced, now,
 from aceg_model.frames import Frame
 from aceg_model.geometry import pose_error
 from aceg_model.localizer import Localizer
-from aceg_model.mapping import METHODS, MIN_MAPPING_FRAMES, MappingConfig, SceneMap, map_scene, progress_bar
+from aceg_model.mapping import MIN_MAPPING_FRAMES, MappingConfig, SceneMap, map_scene, progress_bar
 from aceg_model.metrics import accuracy_summary
 from aceg_model.model import AcegModel
 
@@ -42,8 +42,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                   help="scene heads to compare (ratios need both aceg and ace)")
     p.add_argument("--mapping-frames", type=int, default=100,
                    help="mapping frames, evenly spaced over the mapping split")
     p.add_argument("--iterations", type=int, default=600, help="mapping iterations per method")

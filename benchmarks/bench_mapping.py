@@ -27,7 +27,7 @@ from _common import (MemoryProbe, add_common_args, evenly_spaced, now,
 from aceg_model.evaluate import evaluate_queries
 from aceg_model.frames import Frame
 from aceg_model.localizer import Localizer
-from aceg_model.mapping import METHODS, MIN_MAPPING_FRAMES, MappingConfig, map_scene, progress_bar
+from aceg_model.mapping import MIN_MAPPING_FRAMES, MappingConfig, map_scene, progress_bar
 from aceg_model.model import AcegModel
 
 NAME = "bench_mapping"
@@ -39,8 +39,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                   help="scene heads to compare (ratios need both aceg and ace)")
     p.add_argument("--frames", type=int, nargs="+", default=[50, 100, 250, 500],
                    help="numbers of mapping frames, each an evenly spaced subset of the mapping split")
     p.add_argument("--iterations", type=int, nargs="+", default=[300, 600], help="mapping iteration budgets")

@@ -23,6 +23,11 @@ class EncoderConfig:
     bottleneck: int = 64  # inner width of the residual blocks
     out_dim: int = 128
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "EncoderConfig":
+        """From a checkpoint's JSON metadata (where tuples come back as lists)."""
+        return cls(**dict(d, channels=tuple(d["channels"]), dilations=tuple(d["dilations"])))
+
     # About 0.45 GMAC per 240x320 image: every block works at stride 8, and the
     # dilated 3x3s widen the receptive field to ~110 px without full-width cost.
 

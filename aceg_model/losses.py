@@ -44,6 +44,11 @@ def robust_scale(progress: float, cfg: ReprojectionLossConfig) -> float:
     return cfg.robust_end_px + (cfg.robust_start_px - cfg.robust_end_px) * math.sqrt(1.0 - p * p)
 
 
+def pixel_rays(K_b33: torch.Tensor, pixels_b2: torch.Tensor) -> torch.Tensor:
+    """Camera-frame rays ``K^-1 [u, v, 1]`` of pixels (points at depth 1 m)."""
+    return torch.linalg.solve(K_b33, F.pad(pixels_b2, (0, 1), value=1.0).unsqueeze(-1)).squeeze(-1)
+
+
 def reprojection_nll(
     coords_world_b3: torch.Tensor,
     log_sigma_b: torch.Tensor,
@@ -73,8 +78,7 @@ def reprojection_nll(
     nll_b = robust_b + robust_b.detach() / sigma_px_b + sigma_px_b.log()
 
     # Invalid points: pull towards the ray point at target_depth (in camera coordinates).
-    ray_b3 = torch.linalg.solve(K_b33, F.pad(pixels_b2, (0, 1), value=1.0).unsqueeze(-1)).squeeze(-1)
-    target_cam_b3 = ray_b3 * cfg.target_depth
+    target_cam_b3 = pixel_rays(K_b33, pixels_b2) * cfg.target_depth
     pull_b = (p_cam_b3 - target_cam_b3).abs().sum(dim=1)
 
     loss_b = torch.where(valid_b, nll_b, pull_b)

@@ -18,13 +18,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from aceg_model.encoder import patch_centres
 from aceg_model.frames import Frame
 from aceg_model.geometry import invert
 from aceg_model.heads import CodesHead, MlpHead
-from aceg_model.losses import ReprojectionLossConfig, reprojection_nll
+from aceg_model.losses import ReprojectionLossConfig, pixel_rays, reprojection_nll
 from aceg_model.model import AcegModel, prepare_image
 
 MAP_KIND = "aceg-map"
@@ -172,7 +171,7 @@ def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch
     sel = torch.randperm(n, generator=gen)[:M] if n >= M else torch.randint(n, (M,), generator=gen)
     sel = sel.to(cache.feats_NF.device)
     img = cache.image_idx_N[sel]
-    rays_M3 = torch.einsum("mij,mj->mi", torch.linalg.inv(cache.K_I33[img]), F.pad(cache.pixels_N2[sel], (0, 1), value=1.0))
+    rays_M3 = pixel_rays(cache.K_I33[img], cache.pixels_N2[sel])
     T_map_cam_M44 = torch.linalg.inv(cache.T_cam_map_I44[img])
     pos_M3 = torch.einsum("mij,mj->mi", T_map_cam_M44[:, :3, :3], rays_M3 * depth_m) + T_map_cam_M44[:, :3, 3]
     return model.regressor.seed_codes(cache.feats_NF[sel].float(), pos_M3)

@@ -27,9 +27,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        enc = dict(d["encoder"])
-        enc["channels"], enc["dilations"] = tuple(enc["channels"]), tuple(enc["dilations"])
-        return cls(EncoderConfig(**enc), RegressorConfig(**d["regressor"]), int(d["image_height"]))
+        return cls(EncoderConfig.from_dict(d["encoder"]), RegressorConfig(**d["regressor"]), int(d["image_height"]))
 
 
 class AcegModel(nn.Module):

@@ -100,10 +100,8 @@ def train(model: AcegModel, scenes: list[CachedScene], out: Path, minutes: float
         noisy = lm_pos + position_noise_m * torch.randn(lm_pos.shape, generator=gen)
         codes = torch.stack([model.regressor.seed_codes(x[0][:L], p) for x, p in zip(lm, noisy)])
         feats, gt = torch.stack([x[0][:b] for x in qs]), torch.stack([x[1][:b] for x in qs])
-        coords, log_sigma = model.regressor(feats, codes)
+        coords, log_sigma, logits = model.regressor.regress(feats, codes)
         l_coords = coords_nll(coords.reshape(-1, 3), log_sigma.reshape(-1), gt.reshape(-1, 3))
-        _, q = model.regressor.queries(feats)
-        logits = model.regressor.attention_logits(q, codes)
         target = landmark_targets(gt, lm_pos, match_radius_m)
         l_match = F.cross_entropy(logits.reshape(-1, L), target.reshape(-1), ignore_index=-100) \
             if (target >= 0).any() else logits.sum() * 0.0
@@ -139,8 +137,7 @@ def with_encoder_of(path: Path) -> AcegModel:
     from aceg_model.safe_files import load_tensors, read_meta
 
     meta = read_meta(path, kind=MODEL_KIND)["config"]
-    enc = dict(meta["encoder"], channels=tuple(meta["encoder"]["channels"]), dilations=tuple(meta["encoder"]["dilations"]))
-    model = AcegModel(ModelConfig(encoder=EncoderConfig(**enc), image_height=int(meta["image_height"])))
+    model = AcegModel(ModelConfig(encoder=EncoderConfig.from_dict(meta["encoder"]), image_height=int(meta["image_height"])))
     tensors, _ = load_tensors(path, kind=MODEL_KIND)
     model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")})
     return model.eval()

@@ -112,6 +112,12 @@ class Regressor(nn.Module):
         return self.log_temperature.exp() * torch.einsum("sbk,smk->sbm", queries_SbK, keys_SMK)
 
     def forward(self, feats_SbF: torch.Tensor, codes_SMC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        coords_Sb3, log_sigma_Sb, _ = self.regress(feats_SbF, codes_SMC)
+        return coords_Sb3, log_sigma_Sb
+
+    def regress(self, feats_SbF: torch.Tensor, codes_SMC: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward`` plus the attention logits ``S x b x M`` (pre-training supervises them)."""
         c = self.config
         if (feats_SbF.dim() != 3 or codes_SMC.dim() != 3 or feats_SbF.shape[0] != codes_SMC.shape[0]
                 or codes_SMC.shape[2] != c.code_width):
@@ -132,4 +138,4 @@ class Regressor(nn.Module):
         w_spread, w_cos = self.confidence_weights
         log_sigma_Sb = (out_Sb4[..., 3] + math.log(0.1) + w_spread * spread + w_cos * (1.0 - best_cos))
         log_sigma_Sb = log_sigma_Sb.clamp(math.log(1e-3), math.log(10.0))
-        return coords_Sb3, log_sigma_Sb
+        return coords_Sb3, log_sigma_Sb, logits_SbM

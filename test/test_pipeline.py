@@ -16,7 +16,9 @@ from aceg_model.geometry import pose_error
 from aceg_model.localizer import Localizer
 from aceg_model.mapping import MappingConfig, map_scene
 from aceg_model.model import AcegModel
+from aceg_model.pnp import prefilter
 from aceg_model.scene import QuerySpec, SceneConfig, generate_scene
+from aceg_model.scene.correspondences import project
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "aceg_small.safetensors"
 SEED = 900001  # held out: pre-training banks use seeds below 100000
@@ -56,12 +58,9 @@ def test_uncertainty_ranks_correspondences(mapped) -> None:
     ratios_all, ratios_top = [], []
     for frame in scene.queries["lighting"]:
         coords, log_sigma, pixels, _, _ = loc.regress(frame.image, frame.intrinsics)
-        T_cam_world = np.linalg.inv(frame.T_world_cam)
-        p = coords @ T_cam_world[:3, :3].T + T_cam_world[:3, 3]
-        K = frame.intrinsics
-        uv = np.stack([K.fx * p[:, 0] / p[:, 2] + K.cx, K.fy * p[:, 1] / p[:, 2] + K.cy], axis=1)
-        inlier = (p[:, 2] > 0) & (np.linalg.norm(uv - pixels, axis=1) < 10.0)
-        top = np.argsort(log_sigma)[: len(log_sigma) // 4]
+        uv, z = project(coords, frame)
+        inlier = (z > 0) & (np.linalg.norm(uv - pixels, axis=1) < 10.0)
+        top = prefilter(np.exp(log_sigma), top_k=len(log_sigma) // 4)  # what the localizer's prefilter keeps
         ratios_all.append(inlier.mean())
         ratios_top.append(inlier[top].mean())
     assert np.mean(ratios_top) > np.mean(ratios_all) + 0.05, (ratios_top, ratios_all)

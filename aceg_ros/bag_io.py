@@ -315,7 +315,7 @@ def _write_messages(frames: Iterable[Frame], path: Path, plugin: StoragePlugin, 
 
 
 @contextmanager
-def _open_bag(bag: Path) -> Iterator[Reader]:
+def open_bag(bag: Path) -> Iterator[Reader]:
     """An open rosbags Reader, or ``ValueError`` saying why ``bag`` cannot be read."""
     bag = Path(bag)
     if not bag.exists():
@@ -332,7 +332,8 @@ def _open_bag(bag: Path) -> Iterator[Reader]:
         reader.close()
 
 
-def _topic_list(reader: Reader) -> str:
+def topic_list(reader: Reader) -> str:
+    """The bag's topics and their types, for error messages."""
     topics = reader.topics
     if not topics:
         return "(none)"
@@ -345,7 +346,7 @@ def bag_info(path: Path) -> dict:
     Returns ``{"path", "messages", "start_s", "duration_s", "topics": {name: {"type", "count"}}}``
     (seconds; ``start_s`` is the first message's receive time).
     """
-    with _open_bag(path) as reader:
+    with open_bag(path) as reader:
         return {
             "path": str(path),
             "messages": int(reader.message_count),
@@ -356,11 +357,11 @@ def bag_info(path: Path) -> dict:
         }
 
 
-def _connections(reader: Reader, bag: Path, topic: str, allowed: Sequence[str], what: str) -> list[Connection]:
+def topic_connections(reader: Reader, bag: Path, topic: str, allowed: Sequence[str], what: str) -> list[Connection]:
     """The connections of ``topic``, checked to exist and to carry one of the ``allowed`` types."""
     conns = [c for c in reader.connections if c.topic == topic]
     if not conns:
-        raise ValueError(f"{what} topic {topic!r} is not in bag {bag}; topics found: {_topic_list(reader)}")
+        raise ValueError(f"{what} topic {topic!r} is not in bag {bag}; topics found: {topic_list(reader)}")
     bad = sorted({c.msgtype for c in conns} - set(allowed))
     if bad:
         raise ValueError(f"{what} topic {topic!r} in bag {bag} has type {', '.join(bad)}; "
@@ -370,7 +371,8 @@ def _connections(reader: Reader, bag: Path, topic: str, allowed: Sequence[str], 
     return conns
 
 
-def _deserialize(raw: bytes, conn: Connection, bag: Path):
+def deserialize(raw: bytes, conn: Connection, bag: Path):
+    """One message of ``conn`` from its CDR bytes, or ``ValueError`` naming the bag, topic and type."""
     try:
         return typestore().deserialize_cdr(raw, conn.msgtype)
     except Exception as exc:  # corrupt CDR surfaces as struct/index/assertion errors
@@ -504,11 +506,11 @@ class TfTree:
         return invert(T_common["target"]) @ T_common["source"]
 
 
-def _read_pose_track(reader: Reader, conns: list[Connection], bag: Path) -> tuple[PoseTrack, str]:
+def read_pose_track(reader: Reader, conns: list[Connection], bag: Path) -> tuple[PoseTrack, str]:
     """(track of ``T_frame_pose``, the messages' header.frame_id) from a pose topic of any POSE_TYPES."""
     stamps, poses, frame_ids = [], [], set()
     for conn, _, raw in reader.messages(conns):
-        msg = _deserialize(raw, conn, bag)
+        msg = deserialize(raw, conn, bag)
         # PoseStamped holds a Pose; PoseWithCovarianceStamped and Odometry a PoseWithCovariance.
         pose = msg.pose if conn.msgtype == POSE_STAMPED else msg.pose.pose
         stamps.append(_header_ns(msg.header) * 1e-9)
@@ -517,10 +519,11 @@ def _read_pose_track(reader: Reader, conns: list[Connection], bag: Path) -> tupl
     return PoseTrack(stamps, poses), ", ".join(sorted(frame_ids))
 
 
-def _read_tf_tree(reader: Reader, conns: list[Connection], static_topic: str, bag: Path) -> TfTree:
+def read_tf_tree(reader: Reader, conns: list[Connection], static_topic: str, bag: Path) -> TfTree:
+    """Every transform on the TF topics ``conns``; those on ``static_topic`` hold for all time."""
     tree = TfTree()
     for conn, _, raw in reader.messages(conns):
-        msg = _deserialize(raw, conn, bag)
+        msg = deserialize(raw, conn, bag)
         for tf in msg.transforms:
             tree.add(tf.header.frame_id, tf.child_frame_id, _header_ns(tf.header) * 1e-9,
                      _pose_from_msg(tf.transform), static=conn.topic == static_topic)
@@ -646,21 +649,21 @@ def iter_bag_frames(
     bag = Path(bag)
     if max_pose_gap < 0:
         raise ValueError(f"max_pose_gap must be >= 0 s, got {max_pose_gap}")
-    with _open_bag(bag) as reader:
+    with open_bag(bag) as reader:
         if reader.message_count == 0:
             raise ValueError(f"bag {bag} is empty (no messages)")
-        image_conns = _connections(reader, bag, image_topic, IMAGE_TYPES, "image")
-        info_conns = _connections(reader, bag, camera_info_topic, (CAMERA_INFO,), "camera_info")
+        image_conns = topic_connections(reader, bag, image_topic, IMAGE_TYPES, "image")
+        info_conns = topic_connections(reader, bag, camera_info_topic, (CAMERA_INFO,), "camera_info")
         report = BagReadReport(bag, image_topic, max_pose_gap_s=max_pose_gap)
         # Fail early on a calibration we cannot use, not after reading half the bag.
         info_conn, first_info_ns, raw = next(reader.messages(info_conns))
-        first_info = _deserialize(raw, info_conn, bag)
+        first_info = deserialize(raw, info_conn, bag)
         report.undistorted = bool(np.any(_calibration(first_info, camera_info_topic, undistort)[1] != 0))
 
         pose_at: Callable[[float], np.ndarray | None]
         if pose_topic is not None:
-            pose_conns = _connections(reader, bag, pose_topic, POSE_TYPES, "pose")
-            track, frame_id = _read_pose_track(reader, pose_conns, bag)
+            pose_conns = topic_connections(reader, bag, pose_topic, POSE_TYPES, "pose")
+            track, frame_id = read_pose_track(reader, pose_conns, bag)
             report.pose_source = f"{pose_topic} ({pose_conns[0].msgtype}, frame {frame_id!r})"
             report.pose_samples = len(track)
             if frame_id != tf_parent:
@@ -673,12 +676,12 @@ def iter_bag_frames(
             tf_conns = [c for c in reader.connections if c.topic in tf_topics]
             if not tf_conns:
                 raise ValueError(f"no pose_topic given and bag {bag} has no {tf_topic} or {tf_static_topic} "
-                                 f"to take poses from; topics found: {_topic_list(reader)}")
+                                 f"to take poses from; topics found: {topic_list(reader)}")
             for topic in {c.topic for c in tf_conns}:
-                _connections(reader, bag, topic, (TF_MESSAGE,), "TF")
-            tree = _read_tf_tree(reader, tf_conns, tf_static_topic, bag)
+                topic_connections(reader, bag, topic, (TF_MESSAGE,), "TF")
+            tree = read_tf_tree(reader, tf_conns, tf_static_topic, bag)
             if tf_child is None:
-                first_image = _deserialize(next(reader.messages(image_conns))[2], image_conns[0], bag)
+                first_image = deserialize(next(reader.messages(image_conns))[2], image_conns[0], bag)
                 tf_child = first_image.header.frame_id
                 if not tf_child:
                     raise ValueError(f"images on {image_topic} have an empty header.frame_id; pass tf_child")
@@ -700,11 +703,11 @@ def _generate_frames(bag: Path, image_topic: str, camera_info_topic: str, first_
                      max_frames: int | None, progress_total: int | None) -> Iterator[Frame]:
     info, camera, camera_key = None, None, None
     bar = tqdm(total=progress_total, disable=progress_total is None, unit="image", desc=f"reading {bag.name}")
-    with _open_bag(bag) as reader, bar:
+    with open_bag(bag) as reader, bar:
         conns = [c for c in reader.connections if c.topic in (image_topic, camera_info_topic)]
         # Bag order, as a live subscriber would see it: an image needs a camera_info before it.
         for conn, received_ns, raw in reader.messages(conns):
-            msg = _deserialize(raw, conn, bag)
+            msg = deserialize(raw, conn, bag)
             if conn.topic == camera_info_topic:
                 info = msg
                 continue

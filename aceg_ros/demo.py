@@ -157,9 +157,9 @@ def mapping_positions(bag: Path) -> np.ndarray:
     """Camera positions (N x 3, map frame) of the mapping bag's pose topic, for the trajectory plots."""
     from aceg_ros import bag_io
 
-    with bag_io._open_bag(bag) as reader:
-        conns = bag_io._connections(reader, bag, "/camera/pose", bag_io.POSE_TYPES, "pose")
-        track, _ = bag_io._read_pose_track(reader, conns, bag)
+    with bag_io.open_bag(bag) as reader:
+        conns = bag_io.topic_connections(reader, bag, "/camera/pose", bag_io.POSE_TYPES, "pose")
+        track, _ = bag_io.read_pose_track(reader, conns, bag)
     return track.poses[:, :3, 3]
 
 

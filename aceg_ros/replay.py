@@ -110,10 +110,10 @@ class QueryBag:
 
     def messages(self) -> Iterator[BagMessage]:
         """The camera_info and image messages in bag order, streamed (one image in memory at a time)."""
-        with bag_io._open_bag(self.path) as reader:
+        with bag_io.open_bag(self.path) as reader:
             conns = [c for c in reader.connections if c.topic in (self.image_topic, self.camera_info_topic)]
             for conn, _, raw in reader.messages(conns):
-                msg = bag_io._deserialize(raw, conn, self.path)
+                msg = bag_io.deserialize(raw, conn, self.path)
                 kind = "image" if conn.topic == self.image_topic else "info"
                 stamp = int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
                 yield BagMessage(kind, conn.msgtype, bytes(raw), msg, stamp)
@@ -122,14 +122,14 @@ class QueryBag:
 def _pick_topic(reader, bag: Path, topic: str, types: tuple[str, ...], what: str) -> str:
     """``topic`` itself, or for 'auto' the one topic of the right type (else a ValueError naming the candidates)."""
     if topic != "auto":
-        bag_io._connections(reader, bag, topic, types, what)  # exists, right type, not empty
+        bag_io.topic_connections(reader, bag, topic, types, what)  # exists, right type, not empty
         return topic
     found = sorted({c.topic for c in reader.connections if c.msgtype in types})
     if len(found) == 1:
         return found[0]
     if not found:
         raise ValueError(f"bag {bag} has no {what} topic ({' or '.join(types)}); "
-                         f"topics found: {bag_io._topic_list(reader)}")
+                         f"topics found: {bag_io.topic_list(reader)}")
     raise ValueError(f"bag {bag} has several {what} topics ({', '.join(found)}); choose one with "
                      f"--{what.replace('_', '-')}-topic")
 
@@ -145,7 +145,7 @@ def open_query_bag(bag: Path, image_topic: str = "auto", camera_info_topic: str 
     bag = Path(bag)
     if max_gt_gap < 0:
         raise ValueError(f"max_gt_gap must be >= 0 s, got {max_gt_gap}")
-    with bag_io._open_bag(bag) as reader:
+    with bag_io.open_bag(bag) as reader:
         if reader.message_count == 0:
             raise ValueError(f"bag {bag} is empty (no messages)")
         image_topic = _pick_topic(reader, bag, image_topic, bag_io.IMAGE_TYPES, "image")
@@ -162,8 +162,8 @@ def _load_ground_truth(reader, qbag: QueryBag, gt_topic: str, parent: str, child
     bag = qbag.path
     tf_topics = (bag_io.DEFAULT_TF_TOPIC, bag_io.DEFAULT_TF_STATIC_TOPIC)
     if gt_topic not in ("auto", *tf_topics):
-        conns = bag_io._connections(reader, bag, gt_topic, bag_io.POSE_TYPES, "ground-truth pose")
-        track, frame_id = bag_io._read_pose_track(reader, conns, bag)
+        conns = bag_io.topic_connections(reader, bag, gt_topic, bag_io.POSE_TYPES, "ground-truth pose")
+        track, frame_id = bag_io.read_pose_track(reader, conns, bag)
         if frame_id != parent:
             qbag.notes.append(f"ground truth on {gt_topic} is in frame {frame_id!r}, not {parent!r}")
         qbag.gt_source = f"{gt_topic} ({conns[0].msgtype}, frame {frame_id!r}, {len(track)} samples)"
@@ -174,7 +174,7 @@ def _load_ground_truth(reader, qbag: QueryBag, gt_topic: str, parent: str, child
         candidates = []
         for topic in sorted({c.topic for c in reader.connections if c.msgtype in bag_io.POSE_TYPES}):
             conns = [c for c in reader.connections if c.topic == topic]
-            track, frame_id = bag_io._read_pose_track(reader, conns, bag)
+            track, frame_id = bag_io.read_pose_track(reader, conns, bag)
             if frame_id == parent and len(track):
                 candidates.append((topic, conns[0].msgtype, track))
             else:
@@ -191,14 +191,14 @@ def _load_ground_truth(reader, qbag: QueryBag, gt_topic: str, parent: str, child
     if not tf_conns:
         if gt_topic == "auto":
             qbag.notes.append("no ground truth: no pose topic in frame "
-                              f"{parent!r} and no /tf; topics found: {bag_io._topic_list(reader)}")
+                              f"{parent!r} and no /tf; topics found: {bag_io.topic_list(reader)}")
             return
         raise ValueError(f"no /tf or /tf_static in bag {bag} for ground truth; topics found: "
-                         f"{bag_io._topic_list(reader)}")
-    tree = bag_io._read_tf_tree(reader, tf_conns, bag_io.DEFAULT_TF_STATIC_TOPIC, bag)
+                         f"{bag_io.topic_list(reader)}")
+    tree = bag_io.read_tf_tree(reader, tf_conns, bag_io.DEFAULT_TF_STATIC_TOPIC, bag)
     if child is None:
         first = next(reader.messages([c for c in reader.connections if c.topic == qbag.image_topic]))
-        child = bag_io._deserialize(first[2], first[0], bag).header.frame_id
+        child = bag_io.deserialize(first[2], first[0], bag).header.frame_id
     try:
         chain = tree.describe(parent, child)
     except ValueError as e:

@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--map", type=Path, default=None, help="reuse this map file instead of mapping")
     p.add_argument("--save-map", type=Path, default=None, help="write the map made here to this file")
     p.add_argument("--iterations", type=int, default=MappingConfig.iterations, help="mapping iterations")
+    p.add_argument("--batch-patches", type=int, default=MappingConfig.batch_patches, help="patches per mapping iteration")
+    p.add_argument("--fixed-depth-seeds", action="store_true",
+                   help="seed every landmark at the loss's target depth instead of plane-sweeping (ablation)")
     p.add_argument("--max-query", type=int, default=None, help="evaluate only every n-th query so at most this many")
     p.add_argument("--perturb", nargs="*", choices=PERTURBATIONS, default=None,
                    help="also evaluate under these photometric changes (none given: all)")
@@ -108,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         mapping_seconds = 0.0
     else:
         progress, bar = progress_bar(args.iterations, f"mapping ({args.method})")
-        scene_map, report = map_scene(model, mapping, MappingConfig(method=args.method, iterations=args.iterations), progress)
+        scene_map, report = map_scene(model, mapping, MappingConfig(method=args.method, iterations=args.iterations,
+                                                               batch_patches=args.batch_patches,
+                                                               sweep_seeds=not args.fixed_depth_seeds), progress)
         bar.close()
         mapping_seconds = time.perf_counter() - t0
         if args.save_map:

@@ -23,6 +23,7 @@ from aceg_model.encoder import patch_centres
 from aceg_model.frames import Frame
 from aceg_model.geometry import invert
 from aceg_model.heads import CodesHead, MlpHead
+from aceg_model.landmarks import SweepConfig, sweep_depths
 from aceg_model.losses import ReprojectionLossConfig, pixel_rays, reprojection_nll
 from aceg_model.model import AcegModel, prepare_image
 
@@ -38,12 +39,16 @@ class MappingConfig:
     method: str = "aceg"  # 'aceg' (map codes) or 'ace' (per-scene MLP baseline)
     iterations: int = 300  # ~1 s each on the 2-core CPU at the default batch; see benchmarks/README.md
     batch_patches: int = 4096
-    lr_keys: float = 0.01  # Adam on the landmark keys (compared by cosine, so unitless)
-    lr_positions: float = 0.02  # Adam on the landmark positions, metres per step at most
+    # Seeded landmarks start close (plane sweep), so small steps: at 0.02 m the first
+    # iterations undid the sweep (generated room 900001: 5 mm steps gave the best inlier ratio).
+    lr_keys: float = 0.005  # Adam on the landmark keys (compared by cosine, so unitless)
+    lr_positions: float = 0.005  # Adam on the landmark positions, metres per step at most
     lr_ace: float = 1e-3  # the MLP baseline's Adam learning rate
     lr_final_frac: float = 0.05  # cosine decay to this fraction
     seed: int = 0
     encode_batch: int = 8  # images per encoder call when caching features
+    sweep_seeds: bool = True  # landmark depths from a plane sweep (False: all at loss.target_depth)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     loss: ReprojectionLossConfig = field(default_factory=ReprojectionLossConfig)
 
     def __post_init__(self) -> None:
@@ -129,6 +134,7 @@ class FeatureCache:
     image_idx_N: torch.Tensor
     T_cam_map_I44: torch.Tensor  # per image, relative to the map centre
     K_I33: torch.Tensor
+    grid_hw: tuple[int, int]  # the patch grid of every image (mapping images share one size)
 
 
 @torch.inference_mode()
@@ -158,22 +164,35 @@ def cache_features(model: AcegModel, frames: Sequence[Frame], centre_3: np.ndarr
     return FeatureCache(
         torch.cat(feats), torch.cat(pixels), torch.cat(idx),
         torch.as_tensor(np.stack(poses), dtype=torch.float32, device=device),
-        torch.as_tensor(np.stack(Ks), dtype=torch.float32, device=device),
+        torch.as_tensor(np.stack(Ks), dtype=torch.float32, device=device), (h, w),
     )
 
 
 @torch.no_grad()
-def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch.Generator) -> torch.Tensor:
-    """Initial codes from the mapping images alone: M patches drawn across all images become
-    landmarks, keyed by their own features and placed on their viewing rays at ``depth_m``.
-    The reprojection loss then triangulates them from every view whose patches attend to them."""
+def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch.Generator,
+               sweep: SweepConfig | None = None) -> torch.Tensor:
+    """Initial codes from the mapping images alone: patches drawn across all images become
+    landmarks, keyed by their own features and placed on their viewing rays.
+
+    With ``sweep`` each landmark's depth comes from a plane sweep against neighbouring mapping
+    views (``aceg_model.landmarks``), and of ``sweep.oversample`` x M candidates the M with the
+    sharpest sweep are kept; without it (or where the sweep finds nothing) landmarks sit at
+    ``depth_m``. The reprojection loss then refines them from every view whose patches attend."""
     M, n = model.config.regressor.n_codes, len(cache.feats_NF)
-    sel = torch.randperm(n, generator=gen)[:M] if n >= M else torch.randint(n, (M,), generator=gen)
+    n_cand = M if sweep is None else int(M * sweep.oversample)
+    sel = torch.randperm(n, generator=gen)[:n_cand] if n >= n_cand else torch.randint(n, (n_cand,), generator=gen)
     sel = sel.to(cache.feats_NF.device)
+    depth = torch.full((len(sel),), depth_m, device=sel.device)
+    if sweep is not None:
+        swept, sharpness = sweep_depths(cache.feats_NF, cache.pixels_N2, cache.image_idx_N, cache.T_cam_map_I44,
+                                        cache.K_I33, cache.grid_hw, sel, sweep)
+        keep = sharpness.argsort(descending=True)[:M]
+        sel, depth = sel[keep], torch.where(swept[keep].isfinite(), swept[keep], depth[keep])
     img = cache.image_idx_N[sel]
     rays_M3 = pixel_rays(cache.K_I33[img], cache.pixels_N2[sel])
     T_map_cam_M44 = torch.linalg.inv(cache.T_cam_map_I44[img])
-    pos_M3 = torch.einsum("mij,mj->mi", T_map_cam_M44[:, :3, :3], rays_M3 * depth_m) + T_map_cam_M44[:, :3, 3]
+    pos_M3 = (torch.einsum("mij,mj->mi", T_map_cam_M44[:, :3, :3], rays_M3 * depth[:, None])
+              + T_map_cam_M44[:, :3, 3])
     return model.regressor.seed_codes(cache.feats_NF[sel].float(), pos_M3)
 
 
@@ -194,7 +213,8 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
 
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.method == "aceg":
-        head = CodesHead(model.regressor, seed_codes(model, cache, cfg.loss.target_depth, gen)).train()
+        codes = seed_codes(model, cache, cfg.loss.target_depth, gen, cfg.sweep if cfg.sweep_seeds else None)
+        head = CodesHead(model.regressor, codes).train()
         groups = [{"params": [head.keys], "lr": cfg.lr_keys}, {"params": [head.positions], "lr": cfg.lr_positions}]
     else:
         head = make_head(model, cfg.method, cfg.seed).train()
@@ -219,6 +239,8 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
         if progress and (it % 25 == 0 or it == cfg.iterations - 1):
             progress("optimize", it + 1, cfg.iterations, {"loss": loss_val, **stats})
     t_opt = time.perf_counter() - t1
+    # Round the head to its stored precision, so the map in hand localizes exactly as the file will.
+    head.load_scene_tensors({k: v.to(model.device) for k, v in head.scene_tensors().items()})
 
     report = MappingReport(cfg.method, len(frames), n, cfg.iterations, loss_val, stats["median_px"],
                            stats["valid"], t_encode, t_opt)

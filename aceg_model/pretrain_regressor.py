@@ -100,7 +100,7 @@ def train(model: AcegModel, scenes: list[CachedScene], out: Path, minutes: float
         noisy = lm_pos + position_noise_m * torch.randn(lm_pos.shape, generator=gen)
         codes = torch.stack([model.regressor.seed_codes(x[0][:L], p) for x, p in zip(lm, noisy)])
         feats, gt = torch.stack([x[0][:b] for x in qs]), torch.stack([x[1][:b] for x in qs])
-        coords, log_sigma, logits = model.regressor.regress(feats, codes)
+        coords, log_sigma, logits = model.regressor.regress(feats, codes, return_logits=True)
         l_coords = coords_nll(coords.reshape(-1, 3), log_sigma.reshape(-1), gt.reshape(-1, 3))
         target = landmark_targets(gt, lm_pos, match_radius_m)
         l_match = F.cross_entropy(logits.reshape(-1, L), target.reshape(-1), ignore_index=-100) \

@@ -1,0 +1,138 @@
+"""Where mapping puts its landmarks before optimizing: a plane sweep over the mapping images.
+
+A landmark is a mapping patch: its key is the patch's own feature, its
+position the patch's surface point. The surface point is unknown (mapping has
+no depth), but the mapping poses are known, so each candidate patch is swept
+along its viewing ray: at each of a set of depths the 3D point is projected
+into a few neighbouring mapping views, the encoder feature there is sampled
+(bilinearly on the patch grid) and compared by cosine with the patch's own
+feature. The depth where the neighbours agree best is the landmark's initial
+depth. This is two-view-stereo triangulation with the pre-trained features
+(trained for exactly this: dense correspondence between views); the
+reprojection loss then refines keys and positions jointly.
+
+Patches whose sweep has no clear winner (textureless walls, views with no
+neighbour) are the least useful landmarks, so mapping draws more candidates
+than it needs and keeps the ones with the sharpest agreement.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from aceg_model.encoder import STRIDE
+
+
+@dataclass
+class SweepConfig:
+    n_neighbours: int = 6  # views each candidate is compared against
+    min_baseline_m: float = 0.05  # closer views triangulate badly
+    max_angle_deg: float = 45.0  # optical axes further apart than this rarely see the same surface alike
+    min_depth_m: float = 0.3
+    max_depth_m: float = 12.0
+    n_depths: int = 64  # uniform in inverse depth between the two
+    oversample: float = 2.0  # candidates drawn per landmark kept
+    chunk: int = 256  # candidates per batch (memory: chunk x n_depths x n_neighbours x F floats)
+
+    def __post_init__(self) -> None:
+        if self.n_neighbours < 1 or self.n_depths < 2 or self.oversample < 1.0 or self.chunk < 1:
+            raise ValueError(f"invalid sweep settings {self}")
+        if not 0 < self.min_depth_m < self.max_depth_m:
+            raise ValueError(f"need 0 < min_depth_m < max_depth_m, got {self.min_depth_m}, {self.max_depth_m}")
+
+
+def neighbour_views(T_cam_map_I44: torch.Tensor, config: SweepConfig) -> torch.Tensor:
+    """``I x n`` indices of each view's neighbours (-1 where there are fewer): the views at least
+    ``min_baseline_m`` away with optical axes within ``max_angle_deg``, closest first."""
+    T_map_cam = torch.linalg.inv(T_cam_map_I44)
+    centres_I3, axes_I3 = T_map_cam[:, :3, 3], T_map_cam[:, :3, 2]
+    dist_II = torch.cdist(centres_I3, centres_I3)
+    cos_II = axes_I3 @ axes_I3.T
+    ok = (dist_II >= config.min_baseline_m) & (cos_II >= torch.cos(torch.deg2rad(torch.tensor(config.max_angle_deg))))
+    # Most similar viewing direction first (the features match best); distance breaks ties.
+    score = torch.where(ok, (1.0 - cos_II) + 0.01 * dist_II, torch.full_like(dist_II, float("inf")))
+    n = min(config.n_neighbours, len(T_cam_map_I44) - 1)
+    order = score.argsort(dim=1)[:, :n]
+    return torch.where(torch.gather(score, 1, order).isfinite(), order, torch.full_like(order, -1))
+
+
+def sample_grid(feats_NF: torch.Tensor, image_IP: torch.Tensor, hw: tuple[int, int],
+                pixels_b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinearly interpolated features at working-resolution ``pixels_b2`` of images ``image_IP``
+    (flat indices into the per-patch cache); returns (features ``b x F``, inside mask ``b``)."""
+    h, w = hw
+    g = (pixels_b2 - (STRIDE - 1) / 2.0) / STRIDE  # patch-grid coordinates
+    inside = (g[:, 0] >= 0) & (g[:, 0] <= w - 1) & (g[:, 1] >= 0) & (g[:, 1] <= h - 1)
+    g = torch.stack([g[:, 0].clamp(0, w - 1), g[:, 1].clamp(0, h - 1)], dim=-1)
+    x0, y0 = g[:, 0].floor().long().clamp(max=w - 2), g[:, 1].floor().long().clamp(max=h - 2)
+    fx, fy = (g[:, 0] - x0).unsqueeze(-1), (g[:, 1] - y0).unsqueeze(-1)
+    base = image_IP * (h * w)
+
+    def at(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return feats_NF[base + y * w + x].float()
+
+    out = ((1 - fx) * (1 - fy) * at(x0, y0) + fx * (1 - fy) * at(x0 + 1, y0)
+           + (1 - fx) * fy * at(x0, y0 + 1) + fx * fy * at(x0 + 1, y0 + 1))
+    return out, inside
+
+
+@torch.no_grad()
+def sweep_depths(feats_NF: torch.Tensor, pixels_N2: torch.Tensor, image_idx_N: torch.Tensor,
+                 T_cam_map_I44: torch.Tensor, K_I33: torch.Tensor, hw: tuple[int, int],
+                 candidates_C: torch.Tensor, config: SweepConfig | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best depth (m) and its sharpness per candidate patch (flat cache indices ``candidates_C``).
+
+    Sharpness is the best mean cosine minus the median over depths: high where one depth explains
+    the neighbours much better than the others. Candidates with no usable neighbour get depth
+    ``NaN`` and sharpness ``-inf``.
+    """
+    cfg = config or SweepConfig()
+    device = feats_NF.device
+    neigh_In = neighbour_views(T_cam_map_I44, cfg)
+    inv_d = torch.linspace(1.0 / cfg.min_depth_m, 1.0 / cfg.max_depth_m, cfg.n_depths, device=device)
+    depths_D = 1.0 / inv_d
+    T_map_cam_I44 = torch.linalg.inv(T_cam_map_I44)
+    Kinv_I33 = torch.linalg.inv(K_I33)
+    best_depth, sharpness = [], []
+    for chunk in candidates_C.split(cfg.chunk):
+        c, D = len(chunk), cfg.n_depths
+        img_c = image_idx_N[chunk]
+        ray_c3 = (Kinv_I33[img_c] @ F.pad(pixels_N2[chunk], (0, 1), value=1.0).unsqueeze(-1)).squeeze(-1)
+        pts_cam_cD3 = ray_c3.unsqueeze(1) * depths_D.view(1, D, 1)
+        T = T_map_cam_I44[img_c]
+        pts_map_cD3 = pts_cam_cD3 @ T[:, :3, :3].transpose(1, 2) + T[:, None, :3, 3]
+        neigh_cn = neigh_In[img_c]
+        n = neigh_cn.shape[1]
+        nb = neigh_cn.clamp(min=0)
+        Tn = T_cam_map_I44[nb]  # c x n x 4 x 4
+        pts_nb = torch.einsum("cnij,cdj->cndi", Tn[..., :3, :3], pts_map_cD3) + Tn[..., None, :3, 3]
+        z = pts_nb[..., 2]
+        uv = torch.einsum("cnij,cndj->cndi", K_I33[nb], pts_nb)
+        uv = uv[..., :2] / uv[..., 2:].clamp(min=1e-6)
+        img_flat = nb.unsqueeze(-1).expand(c, n, D).reshape(-1)
+        sampled, inside = sample_grid(feats_NF, img_flat, hw, uv.reshape(-1, 2))
+        valid = (inside & (z.reshape(-1) > 0.05)).view(c, n, D) & (neigh_cn >= 0).unsqueeze(-1)
+        own = F.normalize(feats_NF[chunk].float(), dim=-1)
+        cos = torch.einsum("cf,cndf->cnd", own, F.normalize(sampled.view(c, n, D, -1), dim=-1))
+        cnt = valid.sum(dim=1)  # c x D
+        mean_cos = (cos * valid).sum(dim=1) / cnt.clamp(min=1)
+        # A depth seen by fewer than two neighbours is not a triangulation.
+        mean_cos = torch.where(cnt >= min(2, n), mean_cos, torch.full_like(mean_cos, float("-inf")))
+        best, arg = mean_cos.max(dim=1)
+        med = torch.where(mean_cos.isfinite(), mean_cos, torch.nan).nanmedian(dim=1).values
+        ok = best.isfinite()
+        # Sub-step refinement: the vertex of the parabola through the best score and its two
+        # neighbours, in inverse depth (the steps are ~10 % of the depth at 2 m).
+        lo, hi = (arg - 1).clamp(min=0), (arg + 1).clamp(max=D - 1)
+        s_lo, s_hi = mean_cos.gather(1, lo[:, None])[:, 0], mean_cos.gather(1, hi[:, None])[:, 0]
+        curv = s_lo - 2 * best + s_hi
+        shift = torch.where((lo < arg) & (hi > arg) & s_lo.isfinite() & s_hi.isfinite() & (curv < 0),
+                            0.5 * (s_lo - s_hi) / curv.clamp(max=-1e-9), torch.zeros_like(best)).clamp(-0.5, 0.5)
+        step = inv_d[1] - inv_d[0]
+        depth = 1.0 / (inv_d[arg] + shift * step)
+        best_depth.append(torch.where(ok, depth, torch.full_like(best, float("nan"))))
+        sharpness.append(torch.where(ok, best - med, torch.full_like(best, float("-inf"))))
+    return torch.cat(best_depth), torch.cat(sharpness)

@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenes", type=int, default=64, help="how many bank scenes to cache")
     p.add_argument("--minutes", type=float, default=10.0, help="training wall time (minutes)")
     p.add_argument("--out", type=Path, required=True, help="output folder (model.safetensors, log)")
+    p.add_argument("--projection-only", action="store_true",
+                   help="no training: fit the query projection by PCA of the mapping views' features "
+                        "(Regressor.fit_query_projection) and save")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     model = with_encoder_of(args.model)
@@ -160,9 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     scenes = [cache_scene(model, load_views(f), rng) for f in files]
     print(f"cached {len(scenes)} scenes in {time.perf_counter() - t0:.0f} s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    train(model, scenes, args.out, args.minutes)
-    model.save(args.out / "model.safetensors", {"stage2": {"scenes": len(scenes), "minutes": args.minutes,
-                                                          "bank": str(args.bank), "encoder_from": str(args.model)}})
+    if args.projection_only:
+        feats = torch.cat([cs.feats_VPF[: cs.n_mapping].flatten(0, 1) for cs in scenes])
+        kept = model.regressor.fit_query_projection(feats)
+        print(f"query projection from {len(feats)} patches keeps {100 * kept:.1f} % of the variance")
+        info = {"query_projection": {"scenes": len(scenes), "patches": len(feats), "variance_kept": kept}}
+    else:
+        train(model, scenes, args.out, args.minutes)
+        info = {"stage2": {"scenes": len(scenes), "minutes": args.minutes}}
+    info.update(bank=str(args.bank), encoder_from=str(args.model))
+    model.save(args.out / "model.safetensors", info)
     print(f"wrote {args.out / 'model.safetensors'}")
     return 0
 

@@ -27,8 +27,10 @@ from the mapping images' own features and the positions on their viewing rays
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +42,7 @@ class RegressorConfig:
     feat_dim: int = 128  # encoder output
     dim: int = 128  # token width
     key_dim: int = 64  # landmark key width K
-    n_codes: int = 16384  # landmarks M per scene; map file: fp16 keys + fp32 positions = 2.3 MB
+    n_codes: int = 24576  # landmarks M per scene; map file: fp16 keys + fp32 positions = 3.4 MB
     n_layers: int = 2  # residual token MLP blocks before the cross-attention
     # tau on cosine similarities at init (learned). Sharp: a patch should take its best
     # landmarks' positions, not a blend of look-alikes across the room (tau 30 blurred the
@@ -54,6 +56,21 @@ class RegressorConfig:
     @property
     def code_width(self) -> int:
         return self.key_dim + 3
+
+
+@functools.lru_cache(maxsize=None)
+def search_dtype(device_type: str) -> torch.dtype:
+    """The dtype of the landmark search's matmul: bfloat16 where the hardware has it (CUDA, x86 with
+    AVX512-BF16 or AMX: 2.6x faster than float32 at 1200 x 24576 x 64 on the 2-core EPYC), float32
+    elsewhere (emulated bf16 or fp16 can be 10x slower on a CPU). Only the top-k choice uses it;
+    the attention itself is recomputed in float32 on the chosen keys."""
+    if device_type == "cuda":
+        return torch.bfloat16
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if (" avx512_bf16" in flags or " amx_bf16" in flags) else torch.float32
 
 
 class TokenBlock(nn.Module):
@@ -97,6 +114,34 @@ class Regressor(nn.Module):
             x = block(x)
         return x, F.normalize(self.query(self.norm_q(x)), dim=-1)
 
+    @torch.no_grad()
+    def fit_query_projection(self, feats_NF: torch.Tensor) -> float:
+        """Make the regressor linear (identity embedding, silent token blocks) and its query the PCA
+        projection of encoder features ``feats_NF`` onto ``key_dim`` dimensions; returns the
+        fraction of the variance kept.
+
+        The encoder was trained for dense correspondence by cosine (InfoNCE), so its feature
+        geometry is what landmark matching wants; measured on generated scenes the features keep
+        99.8 % of their variance in 64 dimensions, and this projection matched 2-3 points more
+        patches to the right landmark than the random initial one (generated room 900001).
+        """
+        c = self.config
+        if feats_NF.dim() != 2 or feats_NF.shape[1] != c.feat_dim or len(feats_NF) < c.key_dim:
+            raise ValueError(f"need at least {c.key_dim} features of width {c.feat_dim}, got {tuple(feats_NF.shape)}")
+        if c.dim == c.feat_dim:
+            self.embed[1].weight.copy_(torch.eye(c.dim))
+            self.embed[1].bias.zero_()
+        for block in self.blocks:  # residual: a zero output layer makes the block the identity
+            block.mlp[-1].weight.zero_()
+            block.mlp[-1].bias.zero_()
+        x = self.norm_q(self.embed(feats_NF.float()))
+        mean = x.mean(dim=0)
+        _, s, v = torch.linalg.svd(x - mean, full_matrices=False)
+        w = v[: c.key_dim]  # key_dim x dim
+        self.query.weight.copy_(w)
+        self.query.bias.copy_(-(w @ mean))
+        return float((s[: c.key_dim] ** 2).sum() / (s ** 2).sum())
+
     def init_codes(self, n_scenes: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
         """Random codes ``S x M x (K+3)``: random unit keys, positions ~ N(0, 1 m)."""
         c = self.config
@@ -126,7 +171,8 @@ class Regressor(nn.Module):
         backward and the weighted sum touch k instead of M entries per patch."""
         keys_SMK = F.normalize(codes_SMC[..., : self.config.key_dim], dim=-1)
         with torch.no_grad():
-            idx_Sbk = torch.einsum("sbk,smk->sbm", q_SbK, keys_SMK).topk(k, dim=-1).indices
+            dt = search_dtype(q_SbK.device.type)
+            idx_Sbk = torch.einsum("sbk,smk->sbm", q_SbK.to(dt), keys_SMK.to(dt)).topk(k, dim=-1).indices
         s_idx = torch.arange(codes_SMC.shape[0], device=codes_SMC.device).view(-1, 1, 1)
         keys_SbkK = keys_SMK[s_idx, idx_Sbk]
         logits_Sbk = self.log_temperature.exp() * (q_SbK.unsqueeze(-2) * keys_SbkK).sum(dim=-1)

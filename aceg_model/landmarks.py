@@ -1,12 +1,12 @@
 """Where mapping puts its landmarks before optimizing: a plane sweep over the mapping images.
 
-A landmark is a mapping patch: its key is the patch's own feature, its
-position the patch's surface point. The surface point is unknown (mapping has
-no depth), but the mapping poses are known, so each candidate patch is swept
-along its viewing ray: at each of a set of depths the 3D point is projected
-into a few neighbouring mapping views, the encoder feature there is sampled
-(bilinearly on the patch grid) and compared by cosine with the patch's own
-feature. The depth where the neighbours agree best is the landmark's initial
+A landmark is a mapping patch: its key is the patch's own descriptor (the
+regressor's query of its feature), its position the patch's surface point.
+The surface point is unknown (mapping has no depth), but the mapping poses
+are known, so each candidate patch is swept along its viewing ray: at each of
+a set of depths the 3D point is projected into a few neighbouring mapping
+views, the descriptor there is sampled (bilinearly on the patch grid) and
+compared by cosine with the patch's own. The depth where the neighbours agree best is the landmark's initial
 depth. This is two-view-stereo triangulation with the pre-trained features
 (trained for exactly this: dense correspondence between views); the
 reprojection loss then refines keys and positions jointly.
@@ -18,6 +18,7 @@ sharpest (``SweepConfig.oversample``), though coverage measured as worth more.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,10 +62,10 @@ def neighbour_views(T_cam_map_I44: torch.Tensor, config: SweepConfig) -> torch.T
     return torch.where(torch.gather(score, 1, order).isfinite(), order, torch.full_like(order, -1))
 
 
-def sample_grid(feats_NF: torch.Tensor, image_IP: torch.Tensor, hw: tuple[int, int],
+def sample_grid(desc_ND: torch.Tensor, image_IP: torch.Tensor, hw: tuple[int, int],
                 pixels_b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bilinearly interpolated features at working-resolution ``pixels_b2`` of images ``image_IP``
-    (flat indices into the per-patch cache); returns (features ``b x F``, inside mask ``b``)."""
+    """Bilinearly interpolated descriptors at working-resolution ``pixels_b2`` of images ``image_IP``
+    (flat indices into the per-patch cache); returns (descriptors ``b x D``, inside mask ``b``)."""
     h, w = hw
     g = (pixels_b2 - (STRIDE - 1) / 2.0) / STRIDE  # patch-grid coordinates
     inside = (g[:, 0] >= 0) & (g[:, 0] <= w - 1) & (g[:, 1] >= 0) & (g[:, 1] <= h - 1)
@@ -74,7 +75,7 @@ def sample_grid(feats_NF: torch.Tensor, image_IP: torch.Tensor, hw: tuple[int, i
     base = image_IP * (h * w)
 
     def at(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return feats_NF[base + y * w + x].float()
+        return desc_ND[base + y * w + x].float()
 
     out = ((1 - fx) * (1 - fy) * at(x0, y0) + fx * (1 - fy) * at(x0 + 1, y0)
            + (1 - fx) * fy * at(x0, y0 + 1) + fx * fy * at(x0 + 1, y0 + 1))
@@ -82,18 +83,19 @@ def sample_grid(feats_NF: torch.Tensor, image_IP: torch.Tensor, hw: tuple[int, i
 
 
 @torch.no_grad()
-def sweep_depths(feats_NF: torch.Tensor, pixels_N2: torch.Tensor, image_idx_N: torch.Tensor,
+def sweep_depths(desc_ND: torch.Tensor, pixels_N2: torch.Tensor, image_idx_N: torch.Tensor,
                  T_cam_map_I44: torch.Tensor, K_I33: torch.Tensor, hw: tuple[int, int],
-                 candidates_C: torch.Tensor, config: SweepConfig | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 candidates_C: torch.Tensor, config: SweepConfig | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Best depth (m) and its sharpness per candidate patch (flat cache indices ``candidates_C``).
 
     Sharpness is the best mean cosine minus the median over depths: high where one depth explains
     the neighbours much better than the others. Candidates with no usable neighbour get depth
-    ``NaN`` and sharpness ``-inf``.
+    ``NaN`` and sharpness ``-inf``. ``progress(done, total)`` is called after every chunk (it may
+    raise to cancel).
     """
     cfg = config or SweepConfig()
-    device = feats_NF.device
+    device = desc_ND.device
     neigh_In = neighbour_views(T_cam_map_I44, cfg)
     inv_d = torch.linspace(1.0 / cfg.min_depth_m, 1.0 / cfg.max_depth_m, cfg.n_depths, device=device)
     depths_D = 1.0 / inv_d
@@ -116,9 +118,9 @@ def sweep_depths(feats_NF: torch.Tensor, pixels_N2: torch.Tensor, image_idx_N: t
         uv = torch.einsum("cnij,cndj->cndi", K_I33[nb], pts_nb)
         uv = uv[..., :2] / uv[..., 2:].clamp(min=1e-6)
         img_flat = nb.unsqueeze(-1).expand(c, n, D).reshape(-1)
-        sampled, inside = sample_grid(feats_NF, img_flat, hw, uv.reshape(-1, 2))
+        sampled, inside = sample_grid(desc_ND, img_flat, hw, uv.reshape(-1, 2))
         valid = (inside & (z.reshape(-1) > 0.05)).view(c, n, D) & (neigh_cn >= 0).unsqueeze(-1)
-        own = F.normalize(feats_NF[chunk].float(), dim=-1)
+        own = F.normalize(desc_ND[chunk].float(), dim=-1)
         cos = torch.einsum("cf,cndf->cnd", own, F.normalize(sampled.view(c, n, D, -1), dim=-1))
         cnt = valid.sum(dim=1)  # c x D
         mean_cos = (cos * valid).sum(dim=1) / cnt.clamp(min=1)
@@ -138,4 +140,6 @@ def sweep_depths(feats_NF: torch.Tensor, pixels_N2: torch.Tensor, image_idx_N: t
         depth = 1.0 / (inv_d[arg] + shift * step)
         best_depth.append(torch.where(ok, depth, torch.full_like(best, float("nan"))))
         sharpness.append(torch.where(ok, best - med, torch.full_like(best, float("-inf"))))
+        if progress:
+            progress(sum(len(b) for b in best_depth), len(candidates_C))
     return torch.cat(best_depth), torch.cat(sharpness)

@@ -2,7 +2,8 @@
 
 For ACE-G the head is the frozen pre-trained regressor and the trainable part
 is the map codes (``heads.CodesHead``), seeded from the mapping images
-themselves (``seed_codes``: random patches become landmarks on their rays); for the ACE-style baseline it is a
+themselves (``seed_codes``: random patches become landmarks, placed on their
+rays at the depth a plane sweep against neighbouring views finds); for the ACE-style baseline it is a
 per-scene MLP (``heads.MlpHead``). The encoder is frozen. Features are
 computed once per image and cached; every iteration samples patches across
 all mapping images (patches are independent), regresses their scene
@@ -122,7 +123,12 @@ class MappingReport:
     final_median_px: float
     final_valid: float
     seconds_encode: float
+    seconds_seed: float  # placing the landmarks (plane sweep); 0 for the MLP baseline
     seconds_optimize: float
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_encode + self.seconds_seed + self.seconds_optimize
 
 
 @dataclass
@@ -170,7 +176,7 @@ def cache_features(model: AcegModel, frames: Sequence[Frame], centre_3: np.ndarr
 
 @torch.no_grad()
 def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch.Generator,
-               sweep: SweepConfig | None = None) -> torch.Tensor:
+               sweep: SweepConfig | None = None, progress: Progress | None = None) -> torch.Tensor:
     """Initial codes from the mapping images alone: patches drawn across all images become
     landmarks, keyed by their own features and placed on their viewing rays.
 
@@ -184,8 +190,12 @@ def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch
     sel = sel.to(cache.feats_NF.device)
     depth = torch.full((len(sel),), depth_m, device=sel.device)
     if sweep is not None:
-        swept, sharpness = sweep_depths(cache.feats_NF, cache.pixels_N2, cache.image_idx_N, cache.T_cam_map_I44,
-                                        cache.K_I33, cache.grid_hw, sel, sweep)
+        # Sweep in the regressor's key space, where landmarks will be matched: 64 instead of 128 dims.
+        keys_NK = torch.cat([model.regressor.queries(chunk.float().unsqueeze(0))[1][0]
+                             for chunk in cache.feats_NF.split(65536)])
+        swept, sharpness = sweep_depths(keys_NK, cache.pixels_N2, cache.image_idx_N, cache.T_cam_map_I44,
+                                        cache.K_I33, cache.grid_hw, sel, sweep,
+                                        progress and (lambda done, total: progress("seed", done, total, {})))
         keep = sharpness.argsort(descending=True)[:M]
         sel, depth = sel[keep], torch.where(swept[keep].isfinite(), swept[keep], depth[keep])
     img = cache.image_idx_N[sel]
@@ -212,14 +222,16 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
     t_encode = time.perf_counter() - t0
 
     gen = torch.Generator().manual_seed(cfg.seed)
+    t_seed = time.perf_counter()
     if cfg.method == "aceg":
-        codes = seed_codes(model, cache, cfg.loss.target_depth, gen, cfg.sweep if cfg.sweep_seeds else None)
+        codes = seed_codes(model, cache, cfg.loss.target_depth, gen, cfg.sweep if cfg.sweep_seeds else None, progress)
         head = CodesHead(model.regressor, codes).train()
         groups = [{"params": [head.keys], "lr": cfg.lr_keys}, {"params": [head.positions], "lr": cfg.lr_positions}]
     else:
         head = make_head(model, cfg.method, cfg.seed).train()
         groups = [{"params": list(head.parameters()), "lr": cfg.lr_ace}]
     opt = torch.optim.Adam(groups)
+    t_seed = time.perf_counter() - t_seed
     sched = torch.optim.lr_scheduler.LambdaLR(  # cosine decay to lr_final_frac of each group's rate
         opt, lambda it: cfg.lr_final_frac + (1 - cfg.lr_final_frac) * 0.5 * (1 + math.cos(math.pi * it / cfg.iterations)))
     n = len(cache.feats_NF)
@@ -243,7 +255,7 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
     head.load_scene_tensors({k: v.to(model.device) for k, v in head.scene_tensors().items()})
 
     report = MappingReport(cfg.method, len(frames), n, cfg.iterations, loss_val, stats["median_px"],
-                           stats["valid"], t_encode, t_opt)
+                           stats["valid"], t_encode, t_seed, t_opt)
     meta = {
         "model_hash": model.model_hash(),
         "scene_frame": "map: the mapping poses' world frame; scene coords = centre + head output (m)",

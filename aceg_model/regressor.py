@@ -14,7 +14,10 @@ regressor (pre-trained once, frozen at mapping time)
    offset and the log of the uncertainty.
 
 Patches never attend to each other, so mapping samples patches across all
-images per batch, as ACE does.
+images per batch, as ACE does. Each patch attends only to its
+``attention_top_k`` best-matching landmarks (found by a no-grad search), with
+a sharp temperature: a patch should take its own landmark's position, not a
+blend of look-alikes across the room.
 
 Why not the paper's deep stack over M=1024 x D=256 codes: measured here, a
 CPU budget (40 min, ~80 generated scenes) left that design at the
@@ -22,8 +25,10 @@ predict-the-centre plateau, and codes-only mapping from random codes could not
 leave it (0 % localized on redkitchen and on held-out generated rooms).
 With landmark codes, mapping is a soft matching plus triangulation, which
 the reprojection loss drives from the first iteration; mapping seeds the keys
-from the mapping images' own features and the positions on their viewing rays
-(``seed_codes``), i.e. from posed images alone. See models/README.md.
+from the mapping images' own features and the positions by a plane sweep
+along their viewing rays (``aceg_model.landmarks``), i.e. from posed images
+alone. The shipped regressor is linear: its query is the PCA projection of
+the encoder's features (``fit_query_projection``); see models/README.md.
 """
 from __future__ import annotations
 

@@ -131,7 +131,7 @@ def headline(result: dict) -> dict:
         localize_peak_rss_bytes=loc["memory"]["peak_rss_bytes"],
         localize_rss_growth_bytes=loc["memory"]["rss_growth_bytes"],
         mapping_peak_rss_bytes=mapping["memory"]["peak_rss_bytes"],
-        mapping_seconds=mapping["report"]["seconds_encode"] + mapping["report"]["seconds_optimize"],
+        mapping_seconds=sum(mapping["report"][k] for k in ("seconds_encode", "seconds_seed", "seconds_optimize")),
         map_bytes=mapping["map_bytes"],
     )
     if "cuda_peak_bytes" in loc["memory"]:

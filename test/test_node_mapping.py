@@ -162,7 +162,8 @@ def test_cleanup_cancels_a_running_mapping(harness, scene, bag, tmp_path) -> Non
     h = harness(overrides={"mapping.bag": str(bag), "mapping.output": str(out), "mapping.iterations": 100000,
                            "mapping.batch_patches": 256})
     future = call(h, "map_scene")
-    h.wait_for(lambda: (d := h.last_diag("mapping")) and d[1]["state"] == "running" and "optimize" in d[0].message,
+    h.wait_for(lambda: (d := h.last_diag("mapping")) and d[1]["state"] == "running"
+               and ("seed" in d[0].message or "optimize" in d[0].message),
                timeout=60.0, what="mapping under way")
     done = threading.Event()
     threading.Thread(target=lambda: (h.node.trigger_deactivate(), h.node.trigger_cleanup(), done.set()),

@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"frames per query condition (default {GENERATED['query_frames']} generated, "
                    f"{REAL['query_frames']} from --data)")
     p.add_argument("--iterations", type=int, default=300, help="mapping iterations (the node's mapping.iterations)")
-    p.add_argument("--batch-patches", type=int, default=2048, help="patches per mapping iteration")
+    p.add_argument("--batch-patches", type=int, default=4096, help="patches per mapping iteration (the node's mapping.batch_patches)")
     p.add_argument("--rate", default="max", help="replay pacing: max | recorded | FACTOR (see aceg-replay)")
     p.add_argument("--timeout", type=float, default=60.0, help="longest wait for the node's answer to one image (s)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")

@@ -42,6 +42,7 @@ from aceg_model.frames import Frame, Intrinsics  # noqa: E402
 from aceg_model.geometry import make_pose  # noqa: E402
 from aceg_model.mapping import MappingConfig, SceneMap, map_scene  # noqa: E402
 from aceg_model.model import AcegModel  # noqa: E402
+from aceg_model.pnp import PnPConfig  # noqa: E402
 from aceg_model.safe_files import FileFormatError  # noqa: E402
 from aceg_ros import bag_io  # noqa: E402
 from aceg_ros import ros_conversions as rc  # noqa: E402
@@ -53,6 +54,7 @@ from test_node_mapping import SMALL, call, result  # noqa: E402
 
 pytestmark = pytest.mark.ros
 REPO = Path(__file__).resolve().parents[1]
+MIN_INLIERS = PnPConfig().min_inliers  # the node's default (aceg_ros.params)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +124,7 @@ def test_degenerate_frames_give_no_pose_and_say_why(harness, scene) -> None:
                   STAMP0 + 12: np.full((H, W, 3), 128, np.uint8)}
     for stamp, image in degenerate.items():
         values = send_and_expect(image_msg(image, stamp), "rejected_not_localized")
-        assert int(values["last_inliers"]) < 100, values
+        assert int(values["last_inliers"]) < MIN_INLIERS, values
 
     # A different place (another wall texture) than the map: no pose, or one backed by >= min_inliers.
     elsewhere = render(camera_pose(0.0, 0.0, [0.0, 0.0, 0.0]), texture(seed=7))
@@ -130,7 +132,7 @@ def test_degenerate_frames_give_no_pose_and_say_why(harness, scene) -> None:
     h.send(image_msg(elsewhere, STAMP0 + 20), info,
            until=lambda: h.poses_at(STAMP0 + 20) or sum(counts().values()) > before)
     if h.poses_at(STAMP0 + 20):
-        assert int(h.last_diag()[1]["last_inliers"]) >= 100
+        assert int(h.last_diag()[1]["last_inliers"]) >= MIN_INLIERS
 
     # camera_info with NaN or zero focal lengths: refused, the reason in diagnostics, no pose.
     for k, why in (([np.nan, 0, 319.5, 0, 500.0, 239.5, 0, 0, 1], "fx=nan"), ([0.0] * 9, "fx=0.0")):

@@ -137,6 +137,14 @@ def _plain(x: Any) -> Any:
 
 # ---------------------------------------------------------------------------------- memory
 
+def finish_run(json_path: Path, out: dict) -> int:
+    """Stamp the end time, write the result file and say where; the script's exit code (0)."""
+    out["finished_at"] = now()
+    write_json(json_path, out)
+    print(f"wrote {json_path}")
+    return 0
+
+
 def current_rss_bytes() -> int:
     """Resident set size now (second field of /proc/self/statm, in pages)."""
     with open("/proc/self/statm") as f:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from _common import (MemoryProbe, add_common_args, evenly_spaced, now,
+from _common import (MemoryProbe, add_common_args, evenly_spaced, finish_run, now,
                      ratios, start_run, write_json)
 
 from aceg_model.evaluate import evaluate_queries
@@ -148,10 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"10cm/10deg {acc['pct_10cm_10deg']:5.1f} %, failed {acc['n_failed']}/{acc['n_query']}, "
                   f"map {run['map_bytes'] / 1e6:.2f} MB", flush=True)
 
-    out["finished_at"] = now()
-    write_json(json_path, out)
-    print(f"wrote {json_path}")
-    return 0
+    return finish_run(json_path, out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from _common import current_rss_bytes, evenly_spaced, now, start_run, add_common_args, write_json
+from _common import add_common_args, current_rss_bytes, evenly_spaced, finish_run, start_run, write_json
 
 from aceg_model.localizer import Localizer
 from aceg_model.mapping import MappingConfig, SceneMap, map_scene
@@ -104,10 +104,7 @@ def main(argv: list[str] | None = None) -> int:
               f"growth {g['rss_growth_bytes'] / 2**10:+.0f} KiB from frame {g['from_frame']} "
               f"(max {g['rss_max_above_first_bytes'] / 2**10:.0f} KiB above, "
               f"slope {g['rss_slope_bytes_per_1000_frames'] / 2**10:+.1f} KiB per 1000 frames)")
-    out["finished_at"] = now()
-    write_json(json_path, out)
-    print(f"wrote {json_path}")
-    return 0
+    return finish_run(json_path, out)
 
 
 if __name__ == "__main__":

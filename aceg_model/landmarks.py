@@ -28,7 +28,10 @@ from aceg_model.encoder import STRIDE
 
 @dataclass
 class SweepConfig:
-    n_neighbours: int = 6  # views each candidate is compared against
+    # Views each candidate is compared against. Measured on generated rooms 900001 / 900003
+    # (60 relit queries each, 5cm/5deg): 6 -> 73 / 57 %, 10 -> 83 / 62 %, 16 -> 83 / 63 %, with
+    # the median pose error 3.5 / 4.2 cm -> 2.3 / 3.9 cm at 16; the sweep costs ~2x the time of 6.
+    n_neighbours: int = 16
     min_baseline_m: float = 0.05  # closer views triangulate badly
     max_angle_deg: float = 45.0  # optical axes further apart than this rarely see the same surface alike
     min_depth_m: float = 0.3

@@ -63,6 +63,11 @@ class RegressorConfig:
         return self.key_dim + 3
 
 
+# Patches per block of the landmark search (measured on the 2-core EPYC, 1200 x 24576 x 64 in
+# bfloat16, search + top-16: 49-54 ms in one block, 36-42 ms in blocks of 512, 43-47 ms of 128).
+SEARCH_ROWS = 512
+
+
 @functools.lru_cache(maxsize=None)
 def search_dtype(device_type: str) -> torch.dtype:
     """The dtype of the landmark search's matmul: bfloat16 where the hardware has it (CUDA, x86 with
@@ -177,7 +182,11 @@ class Regressor(nn.Module):
         keys_SMK = F.normalize(codes_SMC[..., : self.config.key_dim], dim=-1)
         with torch.no_grad():
             dt = search_dtype(q_SbK.device.type)
-            idx_Sbk = torch.einsum("sbk,smk->sbm", q_SbK.to(dt), keys_SMK.to(dt)).topk(k, dim=-1).indices
+            keys_dt = keys_SMK.to(dt)
+            # In blocks of SEARCH_ROWS patches: the score block stays in cache between the matmul
+            # and the top-k (1200 x 24576 at once is 59 MB). Same result, ~20 % faster on the CPU.
+            idx_Sbk = torch.cat([torch.einsum("sbk,smk->sbm", q.to(dt), keys_dt).topk(k, dim=-1).indices
+                                 for q in q_SbK.split(SEARCH_ROWS, dim=1)], dim=1)
         s_idx = torch.arange(codes_SMC.shape[0], device=codes_SMC.device).view(-1, 1, 1)
         keys_SbkK = keys_SMK[s_idx, idx_Sbk]
         logits_Sbk = self.log_temperature.exp() * (q_SbK.unsqueeze(-2) * keys_SbkK).sum(dim=-1)

@@ -43,8 +43,8 @@ class PnPConfig:
     # Refuse with fewer inliers. Measured: localizing 120 query images of one generated room
     # against another room's map (every pose necessarily wrong; rooms 900001 and 900003, the
     # shipped model, 1200 correspondences per 320x240 working image), RANSAC's best wrong pose
-    # had 11 inliers at the median and 16 at most (benchmarks/wrong_map_inliers.py). 50 is 3x that. Lower it for
-    # small images (fewer correspondences).
+    # had 11 inliers at the median and 16 at most (benchmarks/wrong_map_inliers.py). 50 is 3x
+    # that. Lower it for small images (fewer correspondences).
     min_inliers: int = 50
     # Off by default: the inlier count is the evidence, and the ratio depends
     # on how many uncertain patches the caller passed. Useful with a fixed top_k.

@@ -120,6 +120,14 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def finish_run(json_path: Path, out: dict) -> int:
+    """Stamp the end time, write the result file and say where; the script's exit code (0)."""
+    out["finished_at"] = now()
+    write_json(json_path, out)
+    print(f"wrote {json_path}")
+    return 0
+
+
 def _plain(x: Any) -> Any:
     """JSON-ready copy: NaN/inf become null (strict JSON readers such as jq reject NaN), numpy -> Python."""
     if isinstance(x, dict):
@@ -136,14 +144,6 @@ def _plain(x: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------- memory
-
-def finish_run(json_path: Path, out: dict) -> int:
-    """Stamp the end time, write the result file and say where; the script's exit code (0)."""
-    out["finished_at"] = now()
-    write_json(json_path, out)
-    print(f"wrote {json_path}")
-    return 0
-
 
 def current_rss_bytes() -> int:
     """Resident set size now (second field of /proc/self/statm, in pages)."""
@@ -284,6 +284,17 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="scene heads to compare (ratios need both aceg and ace)")
     p.add_argument("--json", type=Path, default=None,
                    help="output JSON (default: benchmarks/results/<benchmark>-<machine tag>.json)")
+
+
+def mapping_config(args: argparse.Namespace, method: str, iterations: int):
+    """The ``MappingConfig`` of one benchmark run: the method, budget and seed, and ``--batch-patches``
+    where given (else the library's default)."""
+    from aceg_model.mapping import MappingConfig
+
+    cfg = MappingConfig(method=method, iterations=iterations, seed=args.seed)
+    if args.batch_patches is not None:
+        cfg.batch_patches = args.batch_patches
+    return cfg
 
 
 def load_model(path: Path, device: torch.device):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from _common import (MemoryProbe, add_common_args, evenly_spaced, now,
+from _common import (MemoryProbe, add_common_args, evenly_spaced, mapping_config, now,
                      ratios, resize_frame_image, start_run, summarize_ms, write_json)
 
 from aceg_model.frames import Frame
@@ -73,9 +73,7 @@ def warm_up_mapping(model: AcegModel, frames: list[Frame], methods: list[str]) -
 def map_method(model: AcegModel, frames: list[Frame], method: str, args: argparse.Namespace,
                map_dir: Path) -> tuple[SceneMap, dict]:
     """Map ``frames`` with ``method``; the report, its memory and the saved map's size in bytes."""
-    cfg = MappingConfig(method=method, iterations=args.iterations, seed=args.seed)
-    if args.batch_patches is not None:
-        cfg.batch_patches = args.batch_patches
+    cfg = mapping_config(args, method, args.iterations)
     torch.manual_seed(args.seed)
     progress, bar = progress_bar(args.iterations, f"mapping ({method})")
     with MemoryProbe(model.device) as mem:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from _common import (MemoryProbe, add_common_args, evenly_spaced, finish_run, now,
+from _common import (MemoryProbe, add_common_args, evenly_spaced, finish_run, mapping_config, now,
                      ratios, start_run, write_json)
 
 from aceg_model.evaluate import evaluate_queries
@@ -67,9 +67,7 @@ class FrameCache:
 def one_run(model: AcegModel, frames: list[Frame], queries: list[Frame], method: str, iterations: int,
             args: argparse.Namespace, map_path: Path) -> dict:
     """Map with one method and budget, then localize the queries; the figures of that run."""
-    cfg = MappingConfig(method=method, iterations=iterations, seed=args.seed)
-    if args.batch_patches is not None:
-        cfg.batch_patches = args.batch_patches
+    cfg = mapping_config(args, method, iterations)
     torch.manual_seed(args.seed)
     gc.collect()  # the previous run's feature cache must not count in this run's memory
     progress, bar = progress_bar(iterations, f"{method} {len(frames)} frames")

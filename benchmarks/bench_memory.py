@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from _common import add_common_args, current_rss_bytes, evenly_spaced, finish_run, start_run, write_json
+from _common import (add_common_args, current_rss_bytes, evenly_spaced, finish_run, mapping_config,
+                     start_run, write_json)
 
 from aceg_model.localizer import Localizer
-from aceg_model.mapping import MappingConfig, SceneMap, map_scene
+from aceg_model.mapping import SceneMap, map_scene
 
 NAME = "bench_memory"
 
@@ -65,20 +66,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device, model, mapping_ds, query_ds, json_path, out = run
     try:
-        methods = [SceneMap.load(args.map, model).method] if args.map else args.methods
+        loaded = SceneMap.load(args.map, model) if args.map else None
     except (ValueError, FileNotFoundError) as e:
         print(f"{NAME}: {e}", file=sys.stderr)
         return 2
+    methods = [loaded.method] if loaded else args.methods
     images = [(query_ds[i].image, query_ds[i].intrinsics) for i in evenly_spaced(len(query_ds), args.images)]
     out["data"] = {"path": str(args.data), "n_query_images": len(images), "map": str(args.map) if args.map else None}
     out["methods"] = {}
     for method in methods:
-        if args.map:
-            scene_map = SceneMap.load(args.map, model)
+        if loaded:
+            scene_map = loaded
         else:
             frames = [mapping_ds[i] for i in evenly_spaced(len(mapping_ds), args.mapping_frames)]
-            scene_map, _ = map_scene(model, frames, MappingConfig(method=method, iterations=args.iterations,
-                                                                  seed=args.seed))
+            scene_map, _ = map_scene(model, frames, mapping_config(args, method, args.iterations))
         localizer = Localizer(model, scene_map)
         gc.collect()
         samples = {"frame": [], "rss_bytes": [], "cuda_allocated_bytes": [], "seconds": []}

@@ -66,6 +66,47 @@ class RegressorConfig:
 # Patches per block of the landmark search (measured on the 2-core EPYC, 1200 x 24576 x 64 in
 # bfloat16, search + top-16: 49-54 ms in one block, 36-42 ms in blocks of 512, 43-47 ms of 128).
 SEARCH_ROWS = 512
+# Landmarks per group of the two-stage top-k (``top_k_indices``): 41 -> 29 ms for the search of
+# 1200 x 24576 on the 2-core EPYC (32: 31 ms, 128: 31 ms).
+SEARCH_GROUP = 64
+
+
+def top_k_indices(scores_SbM: torch.Tensor, k: int, group: int = SEARCH_GROUP) -> torch.Tensor:
+    """Indices of the ``k`` largest scores along the last dimension, as ``topk`` (ties aside).
+
+    Two stages, because one ``topk`` over all M landmarks costs more than the matmul that made
+    the scores: split the M columns into G = M / group strided groups (column m in group m % G),
+    keep the k groups with the largest maximum, then take the top k of their k * group columns.
+    Exact: each of the k best scores is the maximum of its own group or lies in a group whose
+    maximum is larger still, so at most k groups hold them all and those k have the largest maxima.
+    """
+    S, b, M = scores_SbM.shape
+    G = M // group
+    if M % group or G <= k:
+        return scores_SbM.topk(k, dim=-1).indices
+    grouped_SbgG = scores_SbM.view(S, b, group, G)  # column m = i * G + g
+    groups_Sbk = grouped_SbgG.amax(dim=-2).topk(k, dim=-1).indices
+    candidates_Sbgk = grouped_SbgG.gather(3, groups_Sbk.unsqueeze(2).expand(S, b, group, k))
+    best_Sbk = candidates_Sbgk.reshape(S, b, group * k).topk(k, dim=-1).indices  # = i * k + j
+    return groups_Sbk.gather(2, best_Sbk % k) + G * (best_Sbk // k)
+
+
+@dataclass(frozen=True)
+class LandmarkIndex:
+    """A scene's landmarks laid out for the top-k search: unit keys (float32, differentiable),
+    the same keys in the search dtype, and positions. Built once per map at localization
+    (``CodesHead`` caches it); rebuilt every iteration while mapping changes the codes."""
+
+    unit_keys_SMK: torch.Tensor
+    search_keys_SMK: torch.Tensor
+    positions_SM3: torch.Tensor
+
+    @classmethod
+    def build(cls, keys_SMK: torch.Tensor, positions_SM3: torch.Tensor) -> "LandmarkIndex":
+        unit_SMK = F.normalize(keys_SMK, dim=-1)
+        with torch.no_grad():
+            search_SMK = unit_SMK.to(search_dtype(keys_SMK.device.type))
+        return cls(unit_SMK, search_SMK, positions_SM3)
 
 
 @functools.lru_cache(maxsize=None)
@@ -172,46 +213,51 @@ class Regressor(nn.Module):
         keys_SMK = F.normalize(codes_SMC[..., : self.config.key_dim], dim=-1)
         return self.log_temperature.exp() * torch.einsum("sbk,smk->sbm", queries_SbK, keys_SMK)
 
-    def _top_k_logits(self, q_SbK: torch.Tensor, codes_SMC: torch.Tensor, k: int
+    def _top_k_logits(self, q_SbK: torch.Tensor, index: LandmarkIndex, k: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``S x b x k`` and positions ``S x b x k x 3`` of each query's k best landmarks.
 
         The search runs without gradients; the logits are recomputed on the gathered keys, so
         gradients reach exactly the landmarks a patch attends to, and the softmax, its
         backward and the weighted sum touch k instead of M entries per patch."""
-        keys_SMK = F.normalize(codes_SMC[..., : self.config.key_dim], dim=-1)
         with torch.no_grad():
-            dt = search_dtype(q_SbK.device.type)
-            keys_dt = keys_SMK.to(dt)
+            keys_SKM = index.search_keys_SMK.transpose(1, 2)  # bmm, not einsum: einsum copied its output (1 ms a block)
             # In blocks of SEARCH_ROWS patches: the score block stays in cache between the matmul
             # and the top-k (1200 x 24576 at once is 59 MB). Same result, ~20 % faster on the CPU.
-            idx_Sbk = torch.cat([torch.einsum("sbk,smk->sbm", q.to(dt), keys_dt).topk(k, dim=-1).indices
+            idx_Sbk = torch.cat([top_k_indices(torch.bmm(q.to(keys_SKM.dtype), keys_SKM), k)
                                  for q in q_SbK.split(SEARCH_ROWS, dim=1)], dim=1)
-        s_idx = torch.arange(codes_SMC.shape[0], device=codes_SMC.device).view(-1, 1, 1)
-        keys_SbkK = keys_SMK[s_idx, idx_Sbk]
+        s_idx = torch.arange(idx_Sbk.shape[0], device=idx_Sbk.device).view(-1, 1, 1)
+        keys_SbkK = index.unit_keys_SMK[s_idx, idx_Sbk]
         logits_Sbk = self.log_temperature.exp() * (q_SbK.unsqueeze(-2) * keys_SbkK).sum(dim=-1)
-        return logits_Sbk, codes_SMC[..., self.config.key_dim:][s_idx, idx_Sbk]
+        return logits_Sbk, index.positions_SM3[s_idx, idx_Sbk]
 
-    def forward(self, feats_SbF: torch.Tensor, codes_SMC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, feats_SbF: torch.Tensor, codes_SMC: torch.Tensor | LandmarkIndex
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         coords_Sb3, log_sigma_Sb, _ = self.regress(feats_SbF, codes_SMC)
         return coords_Sb3, log_sigma_Sb
 
-    def regress(self, feats_SbF: torch.Tensor, codes_SMC: torch.Tensor, return_logits: bool = False
+    def regress(self, feats_SbF: torch.Tensor, codes_SMC: torch.Tensor | LandmarkIndex, return_logits: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``forward`` plus, with ``return_logits``, the dense attention logits ``S x b x M``
-        (pre-training supervises them; dense attention is then used whatever ``attention_top_k``)."""
+        (pre-training supervises them; dense attention is then used whatever ``attention_top_k``).
+
+        ``codes_SMC`` may be a prebuilt ``LandmarkIndex`` of the codes (top-k attention only),
+        which saves normalizing and converting all M keys on every call."""
         c = self.config
-        if (feats_SbF.dim() != 3 or codes_SMC.dim() != 3 or feats_SbF.shape[0] != codes_SMC.shape[0]
-                or codes_SMC.shape[2] != c.code_width):
+        index = codes_SMC if isinstance(codes_SMC, LandmarkIndex) else None
+        shape = (*index.positions_SM3.shape[:2], c.code_width) if index else tuple(codes_SMC.shape)
+        if feats_SbF.dim() != 3 or len(shape) != 3 or feats_SbF.shape[0] != shape[0] or shape[2] != c.code_width:
             raise ValueError(f"expected feats S x b x {c.feat_dim} and codes S x M x {c.code_width}, "
-                             f"got {tuple(feats_SbF.shape)} and {tuple(codes_SMC.shape)}")
+                             f"got {tuple(feats_SbF.shape)} and {shape}")
         x, q = self.queries(feats_SbF)
         k = c.attention_top_k
-        if 0 < k < codes_SMC.shape[1] and not return_logits:
+        if 0 < k < shape[1] and not return_logits:
             logits_SbM = None
-            logits_Sbk, pos_Sbk3 = self._top_k_logits(q, codes_SMC, k)
+            logits_Sbk, pos_Sbk3 = self._top_k_logits(q, index or LandmarkIndex.build(codes_SMC[..., :c.key_dim], codes_SMC[..., c.key_dim:]), k)
             att_Sbk = logits_Sbk.softmax(dim=-1)
             attended_Sb3 = (att_Sbk.unsqueeze(-1) * pos_Sbk3).sum(dim=-2)
+        elif index is not None:
+            raise ValueError("a landmark index serves top-k attention only; pass the codes for dense attention")
         else:
             logits_SbM = logits_Sbk = self.attention_logits(q, codes_SMC)
             att_Sbk = logits_SbM.softmax(dim=-1)

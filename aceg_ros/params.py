@@ -76,7 +76,7 @@ PARAMETERS: tuple[Spec, ...] = (
     Spec("pnp.threshold_px", 10.0, "RANSAC inlier threshold on the reprojection error [px at the input "
          "image size]", range=(0.1, 200.0)),
     Spec("pnp.min_inliers", 50, "refuse a pose with fewer inliers [count]", range=(4, 1_000_000)),
-    Spec("pnp.top_k", 2000, "keep the k most certain correspondences before RANSAC; 0 = all [count]",
+    Spec("pnp.top_k", 800, "keep the k most certain correspondences before RANSAC; 0 = all [count]",
          range=(0, 1_000_000)),
     Spec("pnp.max_uncertainty", 0.0, "drop correspondences whose predicted uncertainty exceeds this; "
          "0 = no threshold [m]", range=(0.0, 1000.0)),

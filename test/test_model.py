@@ -11,7 +11,8 @@ from aceg_model.geometry import invert, make_pose
 from aceg_model.losses import ReprojectionLossConfig, reprojection_nll
 from aceg_model.mapping import MappingConfig, SceneMap, cache_features, map_scene
 from aceg_model.model import AcegModel, ModelConfig, prepare_image, working_size
-from aceg_model.regressor import RegressorConfig
+from aceg_model.heads import CodesHead
+from aceg_model.regressor import RegressorConfig, top_k_indices
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,27 @@ def test_codes_change_the_prediction(model: AcegModel) -> None:
         a, _ = model.regressor(feats, model.regressor.init_codes(1, torch.Generator().manual_seed(1)))
         b, _ = model.regressor(feats, model.regressor.init_codes(1, torch.Generator().manual_seed(2)))
     assert (a - b).abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize("n_columns", [24576, 1000, 640])  # grouped, not divisible, too few groups
+def test_two_stage_top_k_finds_the_same_landmarks_as_topk(n_columns: int) -> None:
+    scores = torch.randn(2, 300, n_columns, generator=torch.Generator().manual_seed(n_columns))
+    scores[0, :5] += 4.0 * (torch.arange(n_columns) % 7 == 0)  # rows whose best columns crowd into groups
+    expected = scores.topk(16, dim=-1).indices.sort(dim=-1).values
+    assert torch.equal(top_k_indices(scores, 16).sort(dim=-1).values, expected)
+
+
+def test_cached_landmark_index_matches_the_codes_and_follows_their_changes(model: AcegModel) -> None:
+    regressor = AcegModel(ModelConfig(regressor=RegressorConfig(n_codes=512, attention_top_k=8))).eval().regressor
+    head = CodesHead(regressor, regressor.init_codes(1, torch.Generator().manual_seed(3))[0])
+    feats = torch.randn(40, regressor.config.feat_dim)
+    with torch.no_grad():
+        direct, _ = regressor(feats.unsqueeze(0), head.codes.unsqueeze(0))
+        cached, _ = head(feats)  # no gradients: through the cached index
+        assert torch.allclose(cached, direct[0], atol=1e-5)
+        head.positions.add_(1.0)  # as an optimizer step or a map load would
+        moved, _ = head(feats)
+    assert torch.allclose(moved, cached + 1.0, atol=1e-4)
 
 
 def test_encoder_is_invariant_to_global_gain() -> None:

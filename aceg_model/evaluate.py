@@ -75,12 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-patches", type=int, default=MappingConfig.batch_patches, help="patches per mapping iteration")
     p.add_argument("--fixed-depth-seeds", action="store_true",
                    help="seed every landmark at the loss's target depth instead of plane-sweeping (ablation)")
+    p.add_argument("--top-k", type=int, default=PnPConfig.top_k,
+                   help="PnP prefilter: keep the k most certain correspondences; 0 = all")
     p.add_argument("--max-query", type=int, default=None, help="evaluate only every n-th query so at most this many")
     p.add_argument("--perturb", nargs="*", choices=PERTURBATIONS, default=None,
                    help="also evaluate under these photometric changes (none given: all)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--json", type=Path, required=True, help="output JSON path")
     args = p.parse_args(argv)
+    if args.top_k < 0:
+        p.error(f"--top-k must be >= 0 (0 = all correspondences), got {args.top_k}")
 
     from aceg_model.datasets import open_dataset
 
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         mapping_seconds = time.perf_counter() - t0
         if args.save_map:
             scene_map.save(args.save_map)
-    localizer = Localizer(model, scene_map, PnPConfig())
+    localizer = Localizer(model, scene_map, PnPConfig(top_k=args.top_k or None))
     result = {"method": args.method, "data": str(args.data), "model": str(args.model), "device": str(device),
               "n_mapping": len(mapping), "mapping_seconds": mapping_seconds}
     result.update(evaluate_queries(localizer, queries))

@@ -6,6 +6,7 @@ uncertainty says. The scene seed is outside every pre-training seed range.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +65,32 @@ def test_uncertainty_ranks_correspondences(mapped) -> None:
         ratios_all.append(inlier.mean())
         ratios_top.append(inlier[top].mean())
     assert np.mean(ratios_top) > np.mean(ratios_all) + 0.05, (ratios_top, ratios_all)
+
+
+def test_aceg_eval_reuses_a_saved_map_and_reports_accuracy(mapped, tmp_path: Path, capsys) -> None:
+    """``aceg-eval --map`` on the scene written as a posed folder: the JSON holds the documented
+    keys, agrees with the localizer on the same frames, and bad arguments exit with status 2."""
+    from aceg_model import evaluate
+    from aceg_model.scene.cli import write_scene
+
+    model, scene_map, _, scene = mapped
+    folder = write_scene(scene, tmp_path / "scene")
+    map_file = tmp_path / "scene.map.safetensors"
+    scene_map.save(map_file)
+    out = tmp_path / "eval.json"
+    args = ["--data", str(folder), "--map", str(map_file), "--model", str(CHECKPOINT), "--device", "cpu",
+            "--query-list", "query-lighting", "--perturb", "darker", "--json", str(out)]
+    assert evaluate.main(args) == 0
+    result = json.loads(out.read_text())
+    for key in ("pct_5cm_5deg", "pct_10cm_10deg", "median_trans_cm", "median_rot_deg", "mapping_seconds",
+                "localize_ms_mean", "n_query", "n_failed"):
+        assert key in result, key
+    assert result["n_query"] == len(scene.queries["lighting"]) and result["mapping_seconds"] == 0.0
+    assert result["pct_10cm_10deg"] >= 50.0  # the same bar as the localizer test above
+    assert set(result["perturbed"]) == {"darker"}
+    # Keeping every correspondence is accepted; a negative prefilter size is refused.
+    assert evaluate.main(args[:-2] + ["--top-k", "0", "--max-query", "2", "--json", str(tmp_path / "all.json")]) == 0
+    assert json.loads((tmp_path / "all.json").read_text())["n_query"] == 2
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(args + ["--top-k", "-5"])
+    assert exit_info.value.code == 2 and "--top-k must be >= 0" in capsys.readouterr().err

@@ -26,14 +26,21 @@ from aceg_model.geometry import invert, make_pose
 class PnPConfig:
     """Prefilter, RANSAC and acceptance settings.
 
-    Defaults assume images of about 640x480 px (ACE's working resolution is
-    480 px high); scale the pixel values with the image size.
+    Pixel values are for images 480 px high (ACE's working resolution); the
+    inlier threshold is scaled to the actual image height (``reference_height_px``).
     """
 
     # ACE's RANSAC inlier threshold (10 px at 480 px height): regressed scene
     # coordinates are noisier than keypoint matches, a tight 2-4 px would
     # drop good correspondences.
     threshold_px: float = 10.0
+    # threshold_px is for images this many pixels high: solve_pnp scales it (and the
+    # refinement's loss scale) by the image height / this, so it stays the same fraction of
+    # the model's patch (the model works at 240 px height whatever the input). None: use
+    # threshold_px as given. Measured on 120 relit queries of generated rooms at 320x240
+    # (benchmarks/tune_prefilter.py): 10 px unscaled gave 62.5 / 85.0 % at 5cm/5deg /
+    # 10cm/10deg, the scaled 5 px 72.5 / 95.0 %, as 10 px at 640x480 gives 70.8 / 93.3 %.
+    reference_height_px: float | None = 480.0
     # poselib stops early once success_prob is reached (dynamic trial count);
     # 10k iterations still find a pose at a ~10% inlier ratio with
     # probability 1 - 1e-4 (P3P: (1 - 0.1^3)^1e4 = 4.5e-5), and bound the
@@ -68,6 +75,9 @@ class PnPConfig:
     def __post_init__(self) -> None:
         if not (np.isfinite(self.threshold_px) and self.threshold_px > 0):
             raise ValueError(f"threshold_px must be > 0 px, got {self.threshold_px}")
+        if self.reference_height_px is not None and not (np.isfinite(self.reference_height_px)
+                                                         and self.reference_height_px > 0):
+            raise ValueError(f"reference_height_px must be > 0 px or None, got {self.reference_height_px}")
         if not 1 <= self.min_iterations <= self.max_iterations:
             raise ValueError(
                 f"need 1 <= min_iterations <= max_iterations, got {self.min_iterations}, {self.max_iterations}"
@@ -82,6 +92,12 @@ class PnPConfig:
             raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
         if not (np.isfinite(self.sigma_floor_px) and self.sigma_floor_px > 0):
             raise ValueError(f"sigma_floor_px must be > 0 px, got {self.sigma_floor_px}")
+
+    def threshold_for(self, image_height: int) -> float:
+        """The RANSAC inlier threshold in pixels of an image ``image_height`` pixels high."""
+        if self.reference_height_px is None:
+            return self.threshold_px
+        return self.threshold_px * image_height / self.reference_height_px
 
 
 @dataclass
@@ -280,12 +296,13 @@ def solve_pnp(
             f"need >= min_inliers={config.min_inliers}", n_input, **counts)
 
     # RANSAC + refinement; thresholds and loss scale are in pixels for poselib's Camera API.
+    threshold_px = config.threshold_for(intrinsics.height)
     t0 = time.perf_counter()
     camera = poselib.Camera("PINHOLE", [intrinsics.fx, intrinsics.fy, intrinsics.cx, intrinsics.cy],
                             intrinsics.width, intrinsics.height)
-    ransac_opt = {"max_reproj_error": config.threshold_px, "min_iterations": config.min_iterations,
+    ransac_opt = {"max_reproj_error": threshold_px, "min_iterations": config.min_iterations,
                   "max_iterations": config.max_iterations, "seed": config.seed}
-    bundle_opt = {"loss_type": "CAUCHY", "loss_scale": 0.5 * config.threshold_px}
+    bundle_opt = {"loss_type": "CAUCHY", "loss_scale": 0.5 * threshold_px}
     pose, info = poselib.estimate_absolute_pose(
         pixels_N2[used_idx], points_world_N3[used_idx], camera, ransac_opt, bundle_opt)
     timings_ms["ransac"] = (time.perf_counter() - t0) * 1e3
@@ -296,14 +313,14 @@ def solve_pnp(
     proj_U2, points_cam_U3 = _project(T_world_cam, points_world_N3[used_idx], intrinsics)
     with np.errstate(invalid="ignore"):
         err_U = np.linalg.norm(proj_U2 - pixels_N2[used_idx], axis=1)
-        inlier_U = (points_cam_U3[:, 2] > 0) & (err_U < config.threshold_px)
+        inlier_U = (points_cam_U3[:, 2] > 0) & (err_U < threshold_px)
     inlier_mask = np.zeros(n_input, dtype=bool)
     inlier_mask[used_idx[inlier_U]] = True
     n_inliers = int(inlier_U.sum())
     counts.update(n_inliers=n_inliers, inlier_mask=inlier_mask)
     if n_inliers < config.min_inliers:
         return _refuse(f"too few inliers: {n_inliers} < min_inliers={config.min_inliers} "
-                       f"(of {n_used} used, {config.threshold_px:g} px threshold)", n_input, **counts)
+                       f"(of {n_used} used, {threshold_px:g} px threshold)", n_input, **counts)
     if n_inliers < config.min_inlier_ratio * n_used:
         return _refuse(f"low inlier ratio: {n_inliers / n_used:.3f} < min_inlier_ratio="
                        f"{config.min_inlier_ratio:g} ({n_inliers} of {n_used})", n_input, **counts)

@@ -73,8 +73,10 @@ PARAMETERS: tuple[Spec, ...] = (
     Spec("tf_lookup_timeout", 0.1, "how long a TF lookup (odom->camera, camera->base) at the image stamp "
          "may wait for the transform [s]", range=(0.0, 2.0)),
     # PnP (aceg_model.pnp.PnPConfig).
-    Spec("pnp.threshold_px", 10.0, "RANSAC inlier threshold on the reprojection error [px at the input "
-         "image size]", range=(0.1, 200.0)),
+    Spec("pnp.threshold_px", 10.0, "RANSAC inlier threshold on the reprojection error, for a 480 px high "
+         "image; scaled with the image height (see pnp.reference_height_px) [px]", range=(0.1, 200.0)),
+    Spec("pnp.reference_height_px", 480.0, "image height that pnp.threshold_px is given for; 0 = use "
+         "pnp.threshold_px as is at any image size [px]", range=(0.0, 100_000.0)),
     Spec("pnp.min_inliers", 50, "refuse a pose with fewer inliers [count]", range=(4, 1_000_000)),
     Spec("pnp.top_k", 800, "keep the k most certain correspondences before RANSAC; 0 = all [count]",
          range=(0, 1_000_000)),
@@ -117,7 +119,8 @@ SPECS: dict[str, Spec] = {s.name: s for s in PARAMETERS}
 _FRAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
 _TOPIC_RE = re.compile(r"^/?[A-Za-z_~{][A-Za-z0-9_/{}~]*$")
 _FRAME_PARAMS = ("map_frame", "odom_frame", "base_frame", "camera_frame")
-_PNP_FIELDS = {"pnp.threshold_px": "threshold_px", "pnp.min_inliers": "min_inliers", "pnp.top_k": "top_k",
+_PNP_FIELDS = {"pnp.threshold_px": "threshold_px", "pnp.reference_height_px": "reference_height_px",
+               "pnp.min_inliers": "min_inliers", "pnp.top_k": "top_k",
                "pnp.max_uncertainty": "max_uncertainty", "pnp.max_iterations": "max_iterations"}
 
 
@@ -192,6 +195,7 @@ def pnp_config(values: dict[str, Any]) -> PnPConfig:
     v = {k: values.get(k, SPECS[k].default) for k in _PNP_FIELDS}
     return PnPConfig(
         threshold_px=float(v["pnp.threshold_px"]),
+        reference_height_px=float(v["pnp.reference_height_px"]) or None,
         min_inliers=int(v["pnp.min_inliers"]),
         top_k=int(v["pnp.top_k"]) or None,
         max_uncertainty=float(v["pnp.max_uncertainty"]) or None,

@@ -60,6 +60,29 @@ def test_noise_and_outliers() -> None:
     assert 0.5 < result.sigma_px < 2.0
 
 
+def test_inlier_threshold_scales_with_the_image_height() -> None:
+    # Correspondences 6 px off (inside ACE's 10 px at 480 px height) and 14 px off (outside), then the
+    # same scene seen in a 320x240 image: 3 and 7 px off, judged against 5 px once scaled.
+    rng = np.random.default_rng(5)
+    points, pixels, _ = synthetic(600, rng)
+    off = np.repeat([0.0, 6.0, 14.0], 200)
+    direction = rng.normal(size=(600, 2))
+    pixels = pixels + off[:, None] * direction / np.linalg.norm(direction, axis=1, keepdims=True)
+    expected = off < 10.0
+    assert PnPConfig().threshold_for(240) == pytest.approx(5.0) and PnPConfig().threshold_for(480) == 10.0
+    full = solve_pnp(points, pixels, INTRINSICS)
+    small_K = INTRINSICS.resized(320, 240)
+    small_pixels = (pixels + 0.5) * 0.5 - 0.5
+    small = solve_pnp(points, small_pixels, small_K)
+    unscaled = solve_pnp(points, small_pixels, small_K, PnPConfig(reference_height_px=None))
+    assert full.success and small.success and unscaled.success
+    assert (full.inlier_mask == expected).mean() > 0.98
+    assert (small.inlier_mask == expected).mean() > 0.98
+    assert unscaled.inlier_mask[off == 14.0].mean() > 0.9, "10 px at 240 px height takes the 7 px ones in"
+    with pytest.raises(ValueError, match="reference_height_px"):
+        PnPConfig(reference_height_px=0.0)
+
+
 def test_nonfinite_rows_are_dropped_and_counted() -> None:
     points, pixels, _ = synthetic(300, np.random.default_rng(2), noise_px=0.5)
     points[:10, 0] = np.nan

@@ -61,8 +61,10 @@ class CodesHead(nn.Module):
         return self._index
 
     def forward(self, feats_bF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Mapping (gradients on) builds the index from the live codes at every call.
-        codes = self.codes.unsqueeze(0) if torch.is_grad_enabled() else self.landmark_index()
+        # Mapping (gradients on) builds the index from the live codes at every call; dense attention
+        # (as many top-k as codes) takes the codes themselves.
+        cached = not torch.is_grad_enabled() and self.regressor.uses_top_k(len(self.keys))
+        codes = self.landmark_index() if cached else self.codes.unsqueeze(0)
         coords_1b3, log_sigma_1b = self.regressor(feats_bF.unsqueeze(0), codes)
         return coords_1b3[0], log_sigma_1b[0]
 

@@ -158,6 +158,10 @@ class Regressor(nn.Module):
         # any training of the head, so the PnP prefilter can rank correspondences.
         self.confidence_weights = nn.Parameter(torch.tensor([3.0, 3.0]))
 
+    def uses_top_k(self, n_codes: int) -> bool:
+        """Whether ``forward`` attends to the top-k landmarks of ``n_codes`` (else to all of them)."""
+        return 0 < self.config.attention_top_k < n_codes
+
     def queries(self, feats_SbF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens ``S x b x D``, unit query vectors ``S x b x K``) of patch features."""
         x = self.embed(feats_SbF)
@@ -250,10 +254,10 @@ class Regressor(nn.Module):
             raise ValueError(f"expected feats S x b x {c.feat_dim} and codes S x M x {c.code_width}, "
                              f"got {tuple(feats_SbF.shape)} and {shape}")
         x, q = self.queries(feats_SbF)
-        k = c.attention_top_k
-        if 0 < k < shape[1] and not return_logits:
+        if self.uses_top_k(shape[1]) and not return_logits:
             logits_SbM = None
-            logits_Sbk, pos_Sbk3 = self._top_k_logits(q, index or LandmarkIndex.build(codes_SMC[..., :c.key_dim], codes_SMC[..., c.key_dim:]), k)
+            index = index or LandmarkIndex.build(codes_SMC[..., :c.key_dim], codes_SMC[..., c.key_dim:])
+            logits_Sbk, pos_Sbk3 = self._top_k_logits(q, index, c.attention_top_k)
             att_Sbk = logits_Sbk.softmax(dim=-1)
             attended_Sb3 = (att_Sbk.unsqueeze(-1) * pos_Sbk3).sum(dim=-2)
         elif index is not None:

@@ -47,8 +47,9 @@ def test_two_stage_top_k_finds_the_same_landmarks_as_topk(n_columns: int) -> Non
     assert torch.equal(top_k_indices(scores, 16).sort(dim=-1).values, expected)
 
 
-def test_cached_landmark_index_matches_the_codes_and_follows_their_changes(model: AcegModel) -> None:
-    regressor = AcegModel(ModelConfig(regressor=RegressorConfig(n_codes=512, attention_top_k=8))).eval().regressor
+@pytest.mark.parametrize("n_codes, top_k", [(512, 8), (8, 16), (64, 0)])  # top-k, and dense attention twice
+def test_cached_landmark_index_matches_the_codes_and_follows_their_changes(n_codes: int, top_k: int) -> None:
+    regressor = AcegModel(ModelConfig(regressor=RegressorConfig(n_codes=n_codes, attention_top_k=top_k))).eval().regressor
     head = CodesHead(regressor, regressor.init_codes(1, torch.Generator().manual_seed(3))[0])
     feats = torch.randn(40, regressor.config.feat_dim)
     with torch.no_grad():

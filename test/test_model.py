@@ -12,7 +12,7 @@ from aceg_model.losses import ReprojectionLossConfig, reprojection_nll
 from aceg_model.mapping import MappingConfig, SceneMap, cache_features, map_scene
 from aceg_model.model import AcegModel, ModelConfig, prepare_image, working_size
 from aceg_model.heads import CodesHead
-from aceg_model.regressor import RegressorConfig, top_k_indices
+from aceg_model.regressor import RegressorConfig, TokenBlock, top_k_indices
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,22 @@ def test_cached_landmark_index_matches_the_codes_and_follows_their_changes(n_cod
         head.positions.add_(1.0)  # as an optimizer step or a map load would
         moved, _ = head(feats)
     assert torch.allclose(moved, cached + 1.0, atol=1e-4)
+
+
+def test_silent_token_block_is_skipped_only_when_it_is_not_being_trained() -> None:
+    torch.manual_seed(0)
+    block, x = TokenBlock(16), torch.randn(5, 16)
+    with torch.no_grad():
+        assert not torch.allclose(block(x), x)  # an ordinary block works
+        block.mlp[-1].weight.zero_()
+        block.mlp[-1].bias.zero_()
+        assert block(x) is x  # silent: skipped, not computed
+    # Trained from zero (pre-training's stage 2): it runs, so the output layer gets its gradient.
+    block(x).sum().backward()
+    assert block.mlp[-1].weight.grad is not None and block.mlp[-1].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        block.mlp[-1].bias.fill_(0.5)  # no longer silent: noticed through the parameter's version
+        assert torch.allclose(block(x), x + 0.5)
 
 
 def test_encoder_is_invariant_to_global_gain() -> None:

@@ -192,3 +192,23 @@ def test_model_file_round_trips(model: AcegModel, tmp_path) -> None:
     assert loaded.config == model.config
     T = invert(make_pose(np.eye(3), [1, 2, 3]))
     assert np.allclose(T[:3, 3], [-1, -2, -3])
+
+
+def test_sweep_cosines_from_scores_match_sampled_descriptors() -> None:
+    """The plane sweep's scalar shortcut equals sampling the descriptors bilinearly, then the cosine,
+    everywhere on the grid including its last row and column and outside it."""
+    from aceg_model.landmarks import interpolated_cosines, neighbour_dots, sample_grid
+
+    gen = torch.Generator().manual_seed(4)
+    n_images, h, w, dim = 3, 5, 7, 16
+    desc = torch.randn(n_images * h * w, dim, generator=gen)
+    own = torch.nn.functional.normalize(torch.randn(4, dim, generator=gen), dim=-1)
+    pixels = torch.rand(4, n_images, 6, 2, generator=gen) * torch.tensor([8.0 * w + 8, 8.0 * h + 8]) - 4.0
+    pixels[0, 0, 0] = torch.tensor([8.0 * w - 4.5, 8.0 * h - 4.5])  # the last patch centre exactly
+    dots = neighbour_dots(desc.view(n_images, h, w, dim)).view(n_images, 5, h * w)
+    cos, inside = interpolated_cosines(own, desc.view(n_images, h * w, dim), dots, (h, w), pixels)
+    images = torch.arange(n_images).view(1, n_images, 1).expand(4, n_images, 6).reshape(-1)
+    sampled, inside_ref = sample_grid(desc, images, (h, w), pixels.reshape(-1, 2))
+    expected = (own.repeat_interleave(n_images * 6, dim=0) * torch.nn.functional.normalize(sampled, dim=-1)).sum(-1)
+    assert torch.equal(inside.reshape(-1), inside_ref) and inside.any() and not inside.all()
+    assert torch.allclose(cos.reshape(-1), expected, atol=1e-5)

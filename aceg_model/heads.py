@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from aceg_model.regressor import LandmarkIndex, Regressor
+from aceg_model.regressor import LandmarkIndex, Regressor, version_stamp
 
 
 class CodesHead(nn.Module):
@@ -52,9 +52,10 @@ class CodesHead(nn.Module):
 
     def landmark_index(self) -> LandmarkIndex:
         """The codes laid out for the regressor's search, built once and reused while the keys and
-        positions stay as they are (localization: ~5 ms per 640x480 frame on the 2-core CPU)."""
-        stamp = (self.keys._version, self.positions._version, self.keys.device, self.keys.data_ptr())
-        if self._index is None or stamp != self._index_stamp:
+        positions stay as they are (localization: ~5 ms per 640x480 frame on the 2-core CPU); codes
+        made under ``torch.inference_mode`` cannot tell a change, so theirs is rebuilt every call."""
+        stamp = version_stamp(self.keys, self.positions)
+        if stamp is None or self._index is None or stamp != self._index_stamp:
             with torch.no_grad():
                 self._index = LandmarkIndex.build(self.keys.unsqueeze(0), self.positions.unsqueeze(0).contiguous())
             self._index_stamp = stamp

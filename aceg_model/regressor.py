@@ -91,6 +91,16 @@ def top_k_indices(scores_SbM: torch.Tensor, k: int, group: int = SEARCH_GROUP) -
     return groups_Sbk.gather(2, best_Sbk % k) + G * (best_Sbk // k)
 
 
+def version_stamp(*tensors: torch.Tensor) -> tuple | None:
+    """What changes when any of ``tensors`` is modified in place (optimizer steps, ``copy_``) or
+    replaced (a move to another device): the key of the caches derived from parameters. None for
+    inference tensors (made under ``torch.inference_mode``), which keep no version counter: a
+    cache keyed on them cannot tell a change, so it must not be used."""
+    if any(t.is_inference() for t in tensors):
+        return None
+    return tuple((t._version, t.data_ptr(), t.device) for t in tensors)
+
+
 @dataclass(frozen=True)
 class LandmarkIndex:
     """A scene's landmarks laid out for the top-k search: unit keys (float32, differentiable),
@@ -137,8 +147,8 @@ class TokenBlock(nn.Module):
         """Whether the output layer is all zero, which makes the block the identity (the linear
         regressor of ``fit_query_projection``); checked again whenever that layer changes."""
         out = self.mlp[-1]
-        stamp = (out.weight._version, out.bias._version, out.weight.data_ptr(), out.bias.data_ptr())
-        if self._silent is None or self._silent[0] != stamp:
+        stamp = version_stamp(out.weight, out.bias)
+        if stamp is None or self._silent is None or self._silent[0] != stamp:
             self._silent = (stamp, not bool(out.weight.any() or out.bias.any()))
         return self._silent[1]
 

@@ -61,6 +61,19 @@ def test_cached_landmark_index_matches_the_codes_and_follows_their_changes(n_cod
     assert torch.allclose(moved, cached + 1.0, atol=1e-4)
 
 
+def test_codes_made_under_inference_mode_still_regress_and_follow_changes() -> None:
+    # A map loaded inside torch.inference_mode holds inference tensors, which keep no version
+    # counter: the caches must not be keyed on them (this raised before).
+    regressor = AcegModel(ModelConfig(regressor=RegressorConfig(n_codes=512, attention_top_k=8))).eval().regressor
+    feats = torch.randn(40, regressor.config.feat_dim)
+    with torch.inference_mode():
+        head = CodesHead(regressor, regressor.init_codes(1, torch.Generator().manual_seed(3))[0])
+        first, _ = head(feats)
+        head.positions.add_(1.0)
+        moved, _ = head(feats)
+    assert torch.allclose(moved, first + 1.0, atol=1e-4)
+
+
 def test_silent_token_block_is_skipped_only_when_it_is_not_being_trained() -> None:
     torch.manual_seed(0)
     block, x = TokenBlock(16), torch.randn(5, 16)

@@ -77,23 +77,6 @@ def _grid_cells(pixels_b2: torch.Tensor, hw: tuple[int, int]
     return x0, y0, gx - x0, gy - y0, inside
 
 
-def sample_grid(desc_ND: torch.Tensor, image_IP: torch.Tensor, hw: tuple[int, int],
-                pixels_b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bilinearly interpolated descriptors at working-resolution ``pixels_b2`` of images ``image_IP``
-    (flat indices into the per-patch cache); returns (descriptors ``b x D``, inside mask ``b``)."""
-    h, w = hw
-    x0, y0, fx, fy, inside = _grid_cells(pixels_b2, hw)
-    fx, fy = fx.unsqueeze(-1), fy.unsqueeze(-1)
-    base = image_IP * (h * w)
-
-    def at(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return desc_ND[base + y * w + x].float()
-
-    out = ((1 - fx) * (1 - fy) * at(x0, y0) + fx * (1 - fy) * at(x0 + 1, y0)
-           + (1 - fx) * fy * at(x0, y0 + 1) + fx * fy * at(x0 + 1, y0 + 1))
-    return out, inside
-
-
 def neighbour_dots(desc_IhwF: torch.Tensor, images_per_batch: int = 32) -> torch.Tensor:
     """``I x 5 x h x w`` dot products between each patch descriptor and its grid neighbours: with
     itself, right, below, below-right, and (right) x (below), i.e. every pair of corners of the
@@ -114,7 +97,7 @@ def neighbour_dots(desc_IhwF: torch.Tensor, images_per_batch: int = 32) -> torch
 def interpolated_cosines(own_kF: torch.Tensor, desc_nPF: torch.Tensor, dots_n5P: torch.Tensor,
                          hw: tuple[int, int], pixels_knd2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine between each unit descriptor ``own_kF`` and the bilinearly interpolated descriptor of
-    each of n images at pixels ``k x n x d`` (``sample_grid`` then cosine, to float rounding),
+    each of n images at pixels ``k x n x d`` (sampling the descriptors, then the cosine, to float rounding),
     and the inside mask.
 
     The interpolation is linear, so <own, interp> is the interpolation of the k x n x P scores of

@@ -210,7 +210,8 @@ def test_model_file_round_trips(model: AcegModel, tmp_path) -> None:
 def test_sweep_cosines_from_scores_match_sampled_descriptors() -> None:
     """The plane sweep's scalar shortcut equals sampling the descriptors bilinearly, then the cosine,
     everywhere on the grid including its last row and column and outside it."""
-    from aceg_model.landmarks import interpolated_cosines, neighbour_dots, sample_grid
+    from aceg_model.encoder import STRIDE
+    from aceg_model.landmarks import interpolated_cosines, neighbour_dots
 
     gen = torch.Generator().manual_seed(4)
     n_images, h, w, dim = 3, 5, 7, 16
@@ -220,8 +221,18 @@ def test_sweep_cosines_from_scores_match_sampled_descriptors() -> None:
     pixels[0, 0, 0] = torch.tensor([8.0 * w - 4.5, 8.0 * h - 4.5])  # the last patch centre exactly
     dots = neighbour_dots(desc.view(n_images, h, w, dim)).view(n_images, 5, h * w)
     cos, inside = interpolated_cosines(own, desc.view(n_images, h * w, dim), dots, (h, w), pixels)
-    images = torch.arange(n_images).view(1, n_images, 1).expand(4, n_images, 6).reshape(-1)
-    sampled, inside_ref = sample_grid(desc, images, (h, w), pixels.reshape(-1, 2))
-    expected = (own.repeat_interleave(n_images * 6, dim=0) * torch.nn.functional.normalize(sampled, dim=-1)).sum(-1)
-    assert torch.equal(inside.reshape(-1), inside_ref) and inside.any() and not inside.all()
-    assert torch.allclose(cos.reshape(-1), expected, atol=1e-5)
+    # Reference: sample the descriptors bilinearly on the patch grid (clamped to it), then the cosine.
+    grid = (pixels - (STRIDE - 1) / 2.0) / STRIDE
+    inside_ref = ((grid >= 0) & (grid <= torch.tensor([w - 1.0, h - 1.0]))).all(-1)
+    gx, gy = grid[..., 0].clamp(0, w - 1), grid[..., 1].clamp(0, h - 1)
+    x0, y0 = gx.floor().long().clamp(max=w - 2), gy.floor().long().clamp(max=h - 2)
+    fx, fy = (gx - x0).unsqueeze(-1), (gy - y0).unsqueeze(-1)
+
+    def at(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return desc.view(n_images, h, w, dim)[torch.arange(n_images).view(1, n_images, 1), y, x]
+
+    sampled = ((1 - fx) * (1 - fy) * at(x0, y0) + fx * (1 - fy) * at(x0 + 1, y0)
+               + (1 - fx) * fy * at(x0, y0 + 1) + fx * fy * at(x0 + 1, y0 + 1))
+    expected = (own.view(4, 1, 1, dim) * torch.nn.functional.normalize(sampled, dim=-1)).sum(-1)
+    assert torch.equal(inside, inside_ref) and inside.any() and not inside.all()
+    assert torch.allclose(cos, expected, atol=1e-5)

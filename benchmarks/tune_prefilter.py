@@ -50,8 +50,8 @@ def regress_queries(folder: Path, map_file: Path, query_list: str, model: AcegMo
     return out
 
 
-def evaluate_top_k(regressed: list[tuple], config: PnPConfig) -> dict:
-    """Accuracy, RANSAC time and inlier counts of one prefilter setting over all regressed queries."""
+def evaluate_config(regressed: list[tuple], config: PnPConfig) -> dict:
+    """Accuracy, RANSAC time and inlier counts of one PnP setting over all regressed queries."""
     t_err, r_err, ransac_ms, inliers = [], [], [], []
     for coords, sigma, pixels, K, T_gt in regressed:
         res = solve_pnp(coords, pixels, K, config, uncertainty_N=sigma)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     for top_k in args.top_k:
         for threshold in args.threshold_px:
             config = replace(PnPConfig(), top_k=top_k, threshold_px=threshold)
-            runs = [evaluate_top_k(regressed, config) for _ in range(args.repeats)]
+            runs = [evaluate_config(regressed, config) for _ in range(args.repeats)]
             best = sorted(runs, key=lambda r: r["ransac_ms"]["mean"])[len(runs) // 2]  # median repeat by time
             out["settings"].append(best)
             acc = best["accuracy"]

@@ -61,12 +61,24 @@ class CodesHead(nn.Module):
             self._index_stamp = stamp
         return self._index
 
-    def forward(self, feats_bF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def candidates(self, feats_bF: torch.Tensor) -> torch.Tensor:
+        """``b x attention_top_k`` indices of the landmarks each patch attends to with the codes as they are."""
+        if not self.regressor.uses_top_k(len(self.keys)):
+            raise ValueError("candidates need top-k attention (attention_top_k < number of codes)")
+        with torch.no_grad():
+            index = LandmarkIndex.build(self.keys.unsqueeze(0), self.positions.unsqueeze(0).contiguous())
+        return self.regressor.candidates(feats_bF.unsqueeze(0), index)[0]
+
+    def forward(self, feats_bF: torch.Tensor, candidates_bk: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scene coordinates (relative to the map centre) and log sigma; ``candidates_bk`` from
+        ``candidates`` skips the landmark search (mapping refreshes them now and then)."""
         # Mapping (gradients on) builds the index from the live codes at every call; dense attention
         # (as many top-k as codes) takes the codes themselves.
         cached = not torch.is_grad_enabled() and self.regressor.uses_top_k(len(self.keys))
         codes = self.landmark_index() if cached else self.codes.unsqueeze(0)
-        coords_1b3, log_sigma_1b = self.regressor(feats_bF.unsqueeze(0), codes)
+        cand = None if candidates_bk is None else candidates_bk.unsqueeze(0)
+        coords_1b3, log_sigma_1b = self.regressor(feats_bF.unsqueeze(0), codes, cand)
         return coords_1b3[0], log_sigma_1b[0]
 
 

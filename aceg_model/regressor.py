@@ -242,36 +242,54 @@ class Regressor(nn.Module):
         keys_SMK = F.normalize(codes_SMC[..., : self.config.key_dim], dim=-1)
         return self.log_temperature.exp() * torch.einsum("sbk,smk->sbm", queries_SbK, keys_SMK)
 
-    def _top_k_logits(self, q_SbK: torch.Tensor, index: LandmarkIndex, k: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``S x b x k`` and positions ``S x b x k x 3`` of each query's k best landmarks.
+    @staticmethod
+    @torch.no_grad()
+    def search(q_SbK: torch.Tensor, index: LandmarkIndex, k: int) -> torch.Tensor:
+        """Indices ``S x b x k`` of the k landmarks whose keys best match unit queries ``q_SbK``."""
+        keys_SKM = index.search_keys_SMK.transpose(1, 2)  # bmm, not einsum: einsum copied its output (1 ms a block)
+        # In blocks of SEARCH_ROWS patches: the score block stays in cache between the matmul
+        # and the top-k (1200 x 24576 at once is 59 MB). Same result, ~20 % faster on the CPU.
+        return torch.cat([top_k_indices(torch.bmm(q.to(keys_SKM.dtype), keys_SKM), k)
+                          for q in q_SbK.split(SEARCH_ROWS, dim=1)], dim=1)
+
+    def candidates(self, feats_SbF: torch.Tensor, index: LandmarkIndex) -> torch.Tensor:
+        """The landmarks each patch would attend to now (``S x b x attention_top_k`` indices).
+
+        Mapping keeps these per mapping patch and passes them back to ``regress`` for a while:
+        the search is ~3/4 of an iteration's time, and the keys move little between refreshes."""
+        with torch.no_grad():
+            return self.search(self.queries(feats_SbF)[1], index, self.config.attention_top_k)
+
+    def _top_k_logits(self, q_SbK: torch.Tensor, index: LandmarkIndex, k: int,
+                      idx_Sbk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``S x b x k`` and positions ``S x b x k x 3`` of each query's k best landmarks
+        (found by ``search`` unless ``idx_Sbk`` gives them).
 
         The search runs without gradients; the logits are recomputed on the gathered keys, so
         gradients reach exactly the landmarks a patch attends to, and the softmax, its
         backward and the weighted sum touch k instead of M entries per patch."""
-        with torch.no_grad():
-            keys_SKM = index.search_keys_SMK.transpose(1, 2)  # bmm, not einsum: einsum copied its output (1 ms a block)
-            # In blocks of SEARCH_ROWS patches: the score block stays in cache between the matmul
-            # and the top-k (1200 x 24576 at once is 59 MB). Same result, ~20 % faster on the CPU.
-            idx_Sbk = torch.cat([top_k_indices(torch.bmm(q.to(keys_SKM.dtype), keys_SKM), k)
-                                 for q in q_SbK.split(SEARCH_ROWS, dim=1)], dim=1)
+        if idx_Sbk is None:
+            idx_Sbk = self.search(q_SbK, index, k)
         s_idx = torch.arange(idx_Sbk.shape[0], device=idx_Sbk.device).view(-1, 1, 1)
         keys_SbkK = index.unit_keys_SMK[s_idx, idx_Sbk]
         logits_Sbk = self.log_temperature.exp() * (q_SbK.unsqueeze(-2) * keys_SbkK).sum(dim=-1)
         return logits_Sbk, index.positions_SM3[s_idx, idx_Sbk]
 
-    def forward(self, feats_SbF: torch.Tensor, codes_SMC: torch.Tensor | LandmarkIndex
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        coords_Sb3, log_sigma_Sb, _ = self.regress(feats_SbF, codes_SMC)
+    def forward(self, feats_SbF: torch.Tensor, codes_SMC: torch.Tensor | LandmarkIndex,
+                candidates_Sbk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        coords_Sb3, log_sigma_Sb, _ = self.regress(feats_SbF, codes_SMC, candidates_Sbk=candidates_Sbk)
         return coords_Sb3, log_sigma_Sb
 
-    def regress(self, feats_SbF: torch.Tensor, codes_SMC: torch.Tensor | LandmarkIndex, return_logits: bool = False
+    def regress(self, feats_SbF: torch.Tensor, codes_SMC: torch.Tensor | LandmarkIndex, return_logits: bool = False,
+                candidates_Sbk: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``forward`` plus, with ``return_logits``, the dense attention logits ``S x b x M``
         (pre-training supervises them; dense attention is then used whatever ``attention_top_k``).
 
         ``codes_SMC`` may be a prebuilt ``LandmarkIndex`` of the codes (top-k attention only),
-        which saves normalizing and converting all M keys on every call."""
+        which saves normalizing and converting all M keys on every call. ``candidates_Sbk``
+        (top-k attention only): the landmarks to attend to, from an earlier ``candidates`` call,
+        instead of searching for them."""
         c = self.config
         index = codes_SMC if isinstance(codes_SMC, LandmarkIndex) else None
         shape = (*index.positions_SM3.shape[:2], c.code_width) if index else tuple(codes_SMC.shape)
@@ -282,11 +300,11 @@ class Regressor(nn.Module):
         if self.uses_top_k(shape[1]) and not return_logits:
             logits_SbM = None
             index = index or LandmarkIndex.build(codes_SMC[..., :c.key_dim], codes_SMC[..., c.key_dim:])
-            logits_Sbk, pos_Sbk3 = self._top_k_logits(q, index, c.attention_top_k)
+            logits_Sbk, pos_Sbk3 = self._top_k_logits(q, index, c.attention_top_k, candidates_Sbk)
             att_Sbk = logits_Sbk.softmax(dim=-1)
             attended_Sb3 = (att_Sbk.unsqueeze(-1) * pos_Sbk3).sum(dim=-2)
-        elif index is not None:
-            raise ValueError("a landmark index serves top-k attention only; pass the codes for dense attention")
+        elif index is not None or candidates_Sbk is not None:
+            raise ValueError("a landmark index or candidates serve top-k attention only; pass the codes for dense attention")
         else:
             logits_SbM = logits_Sbk = self.attention_logits(q, codes_SMC)
             att_Sbk = logits_SbM.softmax(dim=-1)

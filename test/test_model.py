@@ -61,6 +61,37 @@ def test_cached_landmark_index_matches_the_codes_and_follows_their_changes(n_cod
     assert torch.allclose(moved, cached + 1.0, atol=1e-4)
 
 
+def test_cached_candidates_give_the_searched_attention_and_its_gradients() -> None:
+    # Mapping keeps each patch's top-k landmarks between refreshes instead of searching every
+    # iteration: with fresh candidates the coordinates and the gradients must be the same.
+    regressor = AcegModel(ModelConfig(regressor=RegressorConfig(n_codes=512, attention_top_k=8))).eval().regressor
+    head = CodesHead(regressor, regressor.init_codes(1, torch.Generator().manual_seed(4))[0]).train()
+    feats = torch.randn(60, regressor.config.feat_dim)
+    candidates = head.candidates(feats)
+    assert candidates.shape == (60, 8) and int(candidates.max()) < 512
+    results = []
+    for cand in (None, candidates):
+        head.zero_grad()
+        coords, log_sigma = head(feats, cand)
+        (coords.square().sum() + log_sigma.sum()).backward()
+        results.append((coords.detach(), head.keys.grad.clone(), head.positions.grad.clone()))
+    for searched, cached in zip(*results):
+        assert torch.allclose(searched, cached, atol=1e-6)
+    # Only the candidates' positions get gradients.
+    touched = results[1][2].abs().sum(dim=1) > 0
+    assert set(torch.nonzero(touched).flatten().tolist()) <= set(candidates.flatten().tolist())
+
+
+def test_mapping_with_refreshed_candidates_matches_searching_every_iteration(model: AcegModel) -> None:
+    frames = synthetic_frames(3)
+    maps = [map_scene(model, frames, MappingConfig(iterations=6, batch_patches=256, candidate_refresh=r))[0]
+            for r in (0, 1)]
+    a, b = (m.head.scene_tensors() for m in maps)
+    assert torch.allclose(a["positions"], b["positions"], atol=1e-6)
+    with pytest.raises(ValueError, match="candidate_refresh"):
+        MappingConfig(candidate_refresh=-1)
+
+
 def test_codes_made_under_inference_mode_still_regress_and_follow_changes() -> None:
     # A map loaded inside torch.inference_mode holds inference tensors, which keep no version
     # counter: the caches must not be keyed on them (this raised before).

@@ -7,7 +7,10 @@ are known, so each candidate patch is swept along its viewing ray: at each of
 a set of depths the 3D point is projected into a few neighbouring mapping
 views, the descriptor there is sampled (bilinearly on the patch grid) and
 compared by cosine with the patch's own. The depth where the neighbours agree best is the landmark's initial
-depth. This is two-view-stereo triangulation with the pre-trained features
+depth. The descriptors compared come from the mapping images encoded at twice the
+model's working resolution (``SweepConfig.scale``): a finer patch grid places the
+agreement twice as precisely, while the landmark keys stay those of the working
+resolution that queries are matched at. This is two-view-stereo triangulation with the pre-trained features
 (trained for exactly this: dense correspondence between views); the
 reprojection loss then refines keys and positions jointly.
 
@@ -42,12 +45,43 @@ class SweepConfig:
     # matched no more patches.
     oversample: float = 1.0
     chunk: int = 256  # candidates per batch (memory: chunk x n_depths x n_neighbours x F floats)
+    # The sweep compares descriptors of the mapping images encoded at this multiple of the model's
+    # working height (the landmark keys stay at the working height, where queries are matched).
+    # A finer patch grid locates the agreement more precisely: on generated room 900001 (640x480,
+    # 4000 seeds against rendered depth) the median depth error fell from 4.0 % at 1 to 2.0 % at 2.
+    scale: int = 2
 
     def __post_init__(self) -> None:
-        if self.n_neighbours < 1 or self.n_depths < 2 or self.oversample < 1.0 or self.chunk < 1:
+        if (self.n_neighbours < 1 or self.n_depths < 2 or self.oversample < 1.0 or self.chunk < 1
+                or self.scale < 1):
             raise ValueError(f"invalid sweep settings {self}")
         if not 0 < self.min_depth_m < self.max_depth_m:
             raise ValueError(f"need 0 < min_depth_m < max_depth_m, got {self.min_depth_m}, {self.max_depth_m}")
+
+
+@dataclass
+class SweepViews:
+    """The mapping images as the sweep sees them: descriptors on each image's patch grid, encoded at
+    ``scale`` x the model's working resolution, with the intrinsics of that resolution."""
+
+    desc_IPD: torch.Tensor  # I x (h * w) x D, image-major
+    hw: tuple[int, int]
+    K_I33: torch.Tensor
+    T_cam_map_I44: torch.Tensor
+    scale: int
+
+    def to_sweep_pixels(self, pixels_C2: torch.Tensor) -> torch.Tensor:
+        """Working-resolution pixels -> this resolution (pixel-centre convention: the same rays)."""
+        return (pixels_C2 + 0.5) * self.scale - 0.5
+
+    def sample(self, images_C: torch.Tensor, pixels_C2: torch.Tensor) -> torch.Tensor:
+        """Bilinearly interpolated descriptors ``C x D`` at pixels of this resolution."""
+        x0, y0, fx, fy, _ = _grid_cells(pixels_C2, self.hw)
+        w = self.hw[1]
+        p = y0 * w + x0
+        d = self.desc_IPD
+        out = ((1 - fx) * (1 - fy))[:, None] * d[images_C, p].float() + (fx * (1 - fy))[:, None] * d[images_C, p + 1].float()
+        return out + ((1 - fx) * fy)[:, None] * d[images_C, p + w].float() + (fx * fy)[:, None] * d[images_C, p + w + 1].float()
 
 
 def neighbour_views(T_cam_map_I44: torch.Tensor, config: SweepConfig) -> torch.Tensor:
@@ -127,34 +161,35 @@ def interpolated_cosines(own_kF: torch.Tensor, desc_nPF: torch.Tensor, dots_n5P:
 
 
 @torch.no_grad()
-def sweep_depths(desc_ND: torch.Tensor, pixels_N2: torch.Tensor, image_idx_N: torch.Tensor,
-                 T_cam_map_I44: torch.Tensor, K_I33: torch.Tensor, hw: tuple[int, int],
-                 candidates_C: torch.Tensor, config: SweepConfig | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best depth (m) and its sharpness per candidate patch (flat cache indices ``candidates_C``).
+def sweep_depths(views: SweepViews, images_C: torch.Tensor, pixels_C2: torch.Tensor,
+                 config: SweepConfig | None = None, progress: Callable[[int, int], None] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best depth (m) and its sharpness per candidate: a pixel (working resolution) of a mapping image.
 
-    Sharpness is the best mean cosine minus the median over depths: high where one depth explains
-    the neighbours much better than the others. Candidates with no usable neighbour get depth
-    ``NaN`` and sharpness ``-inf``. ``progress(done, total)`` is called after every chunk (it may
-    raise to cancel).
+    The candidate's own descriptor is ``views``' descriptor at that pixel (bilinear; at scale 1
+    and a patch centre, the patch's own). Sharpness is the best mean cosine minus the median
+    over depths: high where one depth explains the neighbours much better than the others.
+    Candidates with no usable neighbour get depth ``NaN`` and sharpness ``-inf``.
+    ``progress(done, total)`` is called after every chunk (it may raise to cancel).
     """
     cfg = config or SweepConfig()
-    device = desc_ND.device
+    desc_IPF, hw, K_I33, T_cam_map_I44 = views.desc_IPD, views.hw, views.K_I33, views.T_cam_map_I44
+    device = desc_IPF.device
     h, w = hw
     I = len(T_cam_map_I44)
-    desc_IPF = desc_ND.view(I, h * w, -1)
-    dots_I5P = neighbour_dots(desc_ND.view(I, h, w, -1)).view(I, 5, h * w)
+    pixels_C2 = views.to_sweep_pixels(pixels_C2)
+    dots_I5P = neighbour_dots(desc_IPF.view(I, h, w, -1)).view(I, 5, h * w)
     neigh_In = neighbour_views(T_cam_map_I44, cfg)
     n = neigh_In.shape[1]
     inv_d = torch.linspace(1.0 / cfg.min_depth_m, 1.0 / cfg.max_depth_m, cfg.n_depths, device=device)
     depths_D = 1.0 / inv_d
     T_map_cam_I44 = torch.linalg.inv(T_cam_map_I44)
     Kinv_I33 = torch.linalg.inv(K_I33)
-    best_depth = torch.full((len(candidates_C),), float("nan"), device=device)
-    sharpness = torch.full((len(candidates_C),), float("-inf"), device=device)
+    best_depth = torch.full((len(images_C),), float("nan"), device=device)
+    sharpness = torch.full((len(images_C),), float("-inf"), device=device)
     # Candidates of one image share its neighbours: one score matmul per image and chunk.
-    order = image_idx_N[candidates_C].argsort(stable=True)
-    images, counts = torch.unique_consecutive(image_idx_N[candidates_C[order]], return_counts=True)
+    order = images_C.argsort(stable=True)
+    images, counts = torch.unique_consecutive(images_C[order], return_counts=True)
     done, start = 0, 0
     for img, count in zip(images.tolist(), counts.tolist()):
         nb = neigh_In[img]
@@ -163,15 +198,14 @@ def sweep_depths(desc_ND: torch.Tensor, pixels_N2: torch.Tensor, image_idx_N: to
         T = T_map_cam_I44[img]
         for s in range(start, start + count, cfg.chunk):
             rows = order[s:min(s + cfg.chunk, start + count)]
-            chunk = candidates_C[rows]
-            c, D = len(chunk), cfg.n_depths
-            ray_c3 = F.pad(pixels_N2[chunk], (0, 1), value=1.0) @ Kinv_I33[img].T
+            c, D = len(rows), cfg.n_depths
+            ray_c3 = F.pad(pixels_C2[rows], (0, 1), value=1.0) @ Kinv_I33[img].T
             pts_map_cD3 = (ray_c3.unsqueeze(1) * depths_D.view(1, D, 1)) @ T[:3, :3].T + T[:3, 3]
             pts_nb = torch.einsum("nij,cdj->cndi", Tn[:, :3, :3], pts_map_cD3) + Tn[None, :, None, :3, 3]
             z = pts_nb[..., 2]
             uv = torch.einsum("nij,cndj->cndi", K_I33[nbc], pts_nb)
             uv = uv[..., :2] / uv[..., 2:].clamp(min=1e-6)
-            own = F.normalize(desc_ND[chunk].float(), dim=-1)
+            own = F.normalize(views.sample(images_C[rows], pixels_C2[rows]), dim=-1)
             cos, inside = interpolated_cosines(own, desc_IPF[nbc], dots_I5P[nbc], hw, uv)
             valid = inside & (z > 0.05) & (nb >= 0).view(1, n, 1)
             cnt = valid.sum(dim=1)  # c x D
@@ -194,6 +228,6 @@ def sweep_depths(desc_ND: torch.Tensor, pixels_N2: torch.Tensor, image_idx_N: to
             sharpness[rows] = torch.where(ok, best - med, torch.full_like(best, float("-inf")))
             done += c
             if progress:
-                progress(done, len(candidates_C))
+                progress(done, len(images_C))
         start += count
     return best_depth, sharpness

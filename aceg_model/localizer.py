@@ -17,7 +17,7 @@ from aceg_model.encoder import patch_centres
 from aceg_model.frames import Intrinsics
 from aceg_model.mapping import SceneMap
 from aceg_model.model import AcegModel, prepare_image
-from aceg_model.pnp import PnPConfig, solve_pnp
+from aceg_model.pnp import PnPConfig, refine_with_candidates, solve_pnp
 
 
 @dataclass
@@ -43,16 +43,24 @@ class Localizer:
     def device(self) -> torch.device:
         return self.model.device
 
-    @torch.inference_mode()
     def regress(self, image: np.ndarray, intrinsics: Intrinsics) -> tuple[np.ndarray, np.ndarray, np.ndarray, Intrinsics, dict]:
         """Scene coordinates (N x 3, map frame), log sigma (N), pixels (N x 2, original image) and timings."""
+        coords, log_sigma, pixels, K_work, timings, _ = self._regress(image, intrinsics, with_candidates=False)
+        return coords, log_sigma, pixels, K_work, timings
+
+    @torch.inference_mode()
+    def _regress(self, image: np.ndarray, intrinsics: Intrinsics, with_candidates: bool):
         t0 = time.perf_counter()
         image_1HW, K_work = prepare_image(image, intrinsics, self.model.config.image_height)
         feats_1Dhw = self.model.encoder(image_1HW.unsqueeze(0).to(self.device))
         self._sync()
         t1 = time.perf_counter()
         _, D, h, w = feats_1Dhw.shape
-        coords_P3, log_sigma_P = self.scene_map.predict(feats_1Dhw[0].flatten(1).T)
+        feats_PD = feats_1Dhw[0].flatten(1).T
+        if with_candidates:
+            coords_P3, log_sigma_P, candidates_Pk3 = self.scene_map.predict_with_candidates(feats_PD)
+        else:
+            (coords_P3, log_sigma_P), candidates_Pk3 = self.scene_map.predict(feats_PD), None
         self._sync()
         t2 = time.perf_counter()
         # Patch centres back to original-image pixels (inverse of prepare_image's scaling).
@@ -61,12 +69,16 @@ class Localizer:
         pix_P2[:, 0] = (pix_P2[:, 0] + 0.5) / sx - 0.5
         pix_P2[:, 1] = (pix_P2[:, 1] + 0.5) / sy - 0.5
         timings = {"encoder": 1e3 * (t1 - t0), "regressor": 1e3 * (t2 - t1)}
+        candidates = None if candidates_Pk3 is None else candidates_Pk3.float().cpu().numpy().astype(np.float64)
         return (coords_P3.float().cpu().numpy().astype(np.float64), log_sigma_P.float().cpu().numpy(),
-                pix_P2, K_work, timings)
+                pix_P2, K_work, timings, candidates)
 
     def localize(self, image: np.ndarray, intrinsics: Intrinsics) -> LocalizationResult:
-        coords, log_sigma, pixels, _, timings = self.regress(image, intrinsics)
+        coords, log_sigma, pixels, _, timings, candidates = self._regress(
+            image, intrinsics, with_candidates=self.pnp.guided_refinement)
         res = solve_pnp(coords, pixels, intrinsics, self.pnp, uncertainty_N=np.exp(log_sigma))
+        if candidates is not None:
+            res = refine_with_candidates(res, candidates, pixels, intrinsics, self.pnp)
         timings.update({f"pnp_{k}" if not k.startswith("pnp") else k: v for k, v in res.timings_ms.items()})
         timings["total"] = sum(v for k, v in timings.items())
         return LocalizationResult(res.success, res.reason, res.T_world_cam if res.success else None,

@@ -24,7 +24,7 @@ from aceg_model.encoder import patch_centres
 from aceg_model.frames import Frame
 from aceg_model.geometry import invert
 from aceg_model.heads import CodesHead, MlpHead
-from aceg_model.landmarks import SweepConfig, sweep_depths
+from aceg_model.landmarks import SweepConfig, SweepViews, sweep_depths
 from aceg_model.losses import ReprojectionLossConfig, pixel_rays, reprojection_nll
 from aceg_model.model import AcegModel, prepare_image
 
@@ -93,7 +93,21 @@ class SceneMap:
     def predict(self, feats_bF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scene coordinates in the map (world) frame and log sigma for patch features."""
         coords_b3, log_sigma_b = self.head(feats_bF)
-        return coords_b3 + torch.as_tensor(self.centre_3, dtype=coords_b3.dtype, device=coords_b3.device), log_sigma_b
+        return coords_b3 + self._centre_like(coords_b3), log_sigma_b
+
+    def predict_with_candidates(self, feats_bF: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``predict`` plus each patch's candidate landmark positions (``b x k x 3``, map frame), the
+        ones its attention chose among; None for a head without landmarks (the MLP baseline)."""
+        if not isinstance(self.head, CodesHead) or not self.head.regressor.uses_top_k(len(self.head.keys)):
+            return (*self.predict(feats_bF), None)
+        candidates_bk = self.head.candidates(feats_bF)
+        coords_b3, log_sigma_b = self.head(feats_bF, candidates_bk)
+        centre = self._centre_like(coords_b3)
+        return coords_b3 + centre, log_sigma_b, self.head.positions[candidates_bk] + centre
+
+    def _centre_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(self.centre_3, dtype=x.dtype, device=x.device)
 
     def save(self, path) -> None:
         from aceg_model.safe_files import save_tensors
@@ -147,13 +161,25 @@ class FeatureCache:
     T_cam_map_I44: torch.Tensor  # per image, relative to the map centre
     K_I33: torch.Tensor
     grid_hw: tuple[int, int]  # the patch grid of every image (mapping images share one size)
+    sweep_views: SweepViews | None = None  # what the plane sweep compares (ACE-G seeding only)
+
+
+def _sweep_keys(model: AcegModel, frame: Frame, scale: int) -> tuple[torch.Tensor, np.ndarray, tuple[int, int]]:
+    """The regressor's keys (``P x K`` float16) of one image encoded at ``scale`` x the working
+    height, with the intrinsics and patch grid of that size: what the plane sweep compares."""
+    image_1HW, K = prepare_image(frame.image, frame.intrinsics, model.config.image_height * scale)
+    feats_1Dhw = model.encoder(image_1HW.unsqueeze(0).to(model.device))
+    keys_1PK = model.regressor.queries(feats_1Dhw[0].flatten(1).T.unsqueeze(0))[1]
+    return keys_1PK[0].half(), K.K, tuple(feats_1Dhw.shape[2:])
 
 
 @torch.inference_mode()
 def cache_features(model: AcegModel, frames: Sequence[Frame], centre_3: np.ndarray, batch: int = 8,
-                   progress: Progress | None = None) -> FeatureCache:
+                   progress: Progress | None = None, sweep_scale: int | None = None) -> FeatureCache:
+    """Encode every mapping image once; with ``sweep_scale`` also the keys the plane sweep compares."""
     device = model.device
     feats, pixels, idx, poses, Ks = [], [], [], [], []
+    sweep_keys, sweep_Ks, sweep_hw = [], [], None
     T_world_map = np.eye(4)
     T_world_map[:3, 3] = centre_3
     for start in range(0, len(frames), batch):
@@ -171,12 +197,25 @@ def cache_features(model: AcegModel, frames: Sequence[Frame], centre_3: np.ndarr
             idx.append(torch.full((h * w,), start + i, dtype=torch.long, device=device))
             poses.append(invert(frame.T_world_cam) @ T_world_map)  # T_cam_map
             Ks.append(K.K)
+            if sweep_scale == 1:  # the working-resolution features themselves
+                sweep_keys.append(model.regressor.queries(feats[-1].float().unsqueeze(0))[1][0].half())
+                sweep_Ks.append(K.K)
+                sweep_hw = (h, w)
+            elif sweep_scale:
+                keys_PK, K_sweep, sweep_hw = _sweep_keys(model, frame, sweep_scale)
+                sweep_keys.append(keys_PK)
+                sweep_Ks.append(K_sweep)
         if progress:
             progress("encode", start + len(chunk), len(frames), {})
+    T_cam_map_I44 = torch.as_tensor(np.stack(poses), dtype=torch.float32, device=device)
+    views = None
+    if sweep_scale:
+        views = SweepViews(torch.stack(sweep_keys), sweep_hw,
+                           torch.as_tensor(np.stack(sweep_Ks), dtype=torch.float32, device=device),
+                           T_cam_map_I44, sweep_scale)
     return FeatureCache(
-        torch.cat(feats), torch.cat(pixels), torch.cat(idx),
-        torch.as_tensor(np.stack(poses), dtype=torch.float32, device=device),
-        torch.as_tensor(np.stack(Ks), dtype=torch.float32, device=device), (h, w),
+        torch.cat(feats), torch.cat(pixels), torch.cat(idx), T_cam_map_I44,
+        torch.as_tensor(np.stack(Ks), dtype=torch.float32, device=device), (h, w), views,
     )
 
 
@@ -197,10 +236,10 @@ def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch
     depth = torch.full((len(sel),), depth_m, device=sel.device)
     if sweep is not None:
         # Sweep in the regressor's key space, where landmarks will be matched: 64 instead of 128 dims.
-        keys_NK = torch.cat([model.regressor.queries(chunk.float().unsqueeze(0))[1][0]
-                             for chunk in cache.feats_NF.split(65536)])
-        swept, sharpness = sweep_depths(keys_NK, cache.pixels_N2, cache.image_idx_N, cache.T_cam_map_I44,
-                                        cache.K_I33, cache.grid_hw, sel, sweep,
+        if cache.sweep_views is None or cache.sweep_views.scale != sweep.scale:
+            raise ValueError(f"the feature cache holds no sweep views at scale {sweep.scale} "
+                             f"(cache_features(..., sweep_scale={sweep.scale}))")
+        swept, sharpness = sweep_depths(cache.sweep_views, cache.image_idx_N[sel], cache.pixels_N2[sel], sweep,
                                         progress and (lambda done, total: progress("seed", done, total, {})))
         keep = sharpness.argsort(descending=True)[:M]
         sel, depth = sel[keep], torch.where(swept[keep].isfinite(), swept[keep], depth[keep])
@@ -230,7 +269,8 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
     centre_3 = np.mean([frames[i].T_world_cam[:3, 3] for i in range(len(frames))], axis=0)
 
     t0 = time.perf_counter()
-    cache = cache_features(model, frames, centre_3, cfg.encode_batch, progress)
+    sweep_scale = cfg.sweep.scale if cfg.method == "aceg" and cfg.sweep_seeds else None
+    cache = cache_features(model, frames, centre_3, cfg.encode_batch, progress, sweep_scale)
     t_encode = time.perf_counter() - t0
 
     gen = torch.Generator().manual_seed(cfg.seed)

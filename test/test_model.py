@@ -267,3 +267,38 @@ def test_sweep_cosines_from_scores_match_sampled_descriptors() -> None:
     expected = (own.view(4, 1, 1, dim) * torch.nn.functional.normalize(sampled, dim=-1)).sum(-1)
     assert torch.equal(inside, inside_ref) and inside.any() and not inside.all()
     assert torch.allclose(cos, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_plane_sweep_recovers_the_depth_of_a_slanted_plane(scale: int) -> None:
+    """Four views of a textured slanted plane, the descriptors a smooth function of the surface
+    point: the sweep at either scale puts seeds of the first view at the plane's depth."""
+    from aceg_model.landmarks import SweepConfig, SweepViews, sweep_depths
+
+    h, w, f = 15, 20, 100.0  # working-resolution patch grid and focal length
+    gen = torch.Generator().manual_seed(5)
+    freqs = torch.randn(16, 2, generator=gen) * 6.0  # rad / m on the plane
+    phases = torch.rand(16, generator=gen) * 6.28
+    centres = torch.tensor([[0.0, 0, 0], [0.1, 0, 0], [0.2, 0.05, 0], [0.3, 0, 0]])
+
+    def plane_hit(origin: torch.Tensor, ray: torch.Tensor) -> torch.Tensor:
+        # The plane z = 2 + 0.5 x: solve origin_z + t ray_z = 2 + 0.5 (origin_x + t ray_x).
+        t = (2.0 + 0.5 * origin[0] - origin[2]) / (ray[:, 2] - 0.5 * ray[:, 0])
+        return origin + t[:, None] * ray
+
+    fs, hs, ws = f * scale, h * scale, w * scale
+    K = torch.tensor([[fs, 0, (79.5 + 0.5) * scale - 0.5], [0, fs, (59.5 + 0.5) * scale - 0.5], [0, 0, 1.0]])
+    ys, xs = torch.meshgrid(torch.arange(hs) * 8 + 3.5, torch.arange(ws) * 8 + 3.5, indexing="ij")
+    pix = torch.stack([xs.flatten(), ys.flatten()], 1)
+    rays = torch.nn.functional.pad(pix, (0, 1), value=1.0) @ torch.linalg.inv(K).T
+    desc = torch.stack([torch.sin(plane_hit(c, rays)[:, :2] @ freqs.T + phases) for c in centres])
+    T_cam_map = torch.eye(4).repeat(4, 1, 1)
+    T_cam_map[:, :3, 3] = -centres
+    views = SweepViews(desc.half(), (hs, ws), K.repeat(4, 1, 1), T_cam_map, scale)
+    seeds = torch.tensor([[8.0 * x + 3.5, 8.0 * y + 3.5] for x in range(4, 16, 3) for y in range(3, 12, 3)])
+    depth, sharpness = sweep_depths(views, torch.zeros(len(seeds), dtype=torch.long), seeds,
+                                    SweepConfig(n_neighbours=3, scale=scale))
+    K1 = torch.tensor([[f, 0, 79.5], [0, f, 59.5], [0, 0, 1.0]])
+    true_depth = plane_hit(centres[0], torch.nn.functional.pad(seeds, (0, 1), value=1.0) @ torch.linalg.inv(K1).T)[:, 2]
+    assert torch.isfinite(depth).all() and (sharpness > 0).all()
+    assert ((depth - true_depth).abs() / true_depth).median() < 0.02

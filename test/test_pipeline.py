@@ -17,7 +17,7 @@ from aceg_model.geometry import pose_error
 from aceg_model.localizer import Localizer
 from aceg_model.mapping import MappingConfig, map_scene
 from aceg_model.model import AcegModel
-from aceg_model.pnp import prefilter
+from aceg_model.pnp import PnPConfig, prefilter
 from aceg_model.scene import QuerySpec, SceneConfig, generate_scene
 from aceg_model.scene.correspondences import project
 
@@ -50,6 +50,22 @@ def test_codes_only_mapping_then_localization_recovers_query_poses(mapped) -> No
     good = (e[:, 0] < 0.10) & (e[:, 1] < 5.0)
     # Stated tolerance: at least half of the relit queries within 10 cm / 5 deg.
     assert good.mean() >= 0.5, f"pose errors (m, deg): {e.round(3).tolist()}"
+
+
+def test_guided_refinement_keeps_the_poses_and_uses_more_of_the_image(mapped) -> None:
+    """With ``guided_refinement`` each accepted pose is refined on the re-matched top-k candidates:
+    the same acceptance, at least as many inliers, and poses as good as the localizer test's bar."""
+    model, scene_map, _, scene = mapped
+    plain, guided = Localizer(model, scene_map), Localizer(model, scene_map, PnPConfig(guided_refinement=True))
+    good = []
+    for frame in scene.queries["lighting"]:
+        a, b = plain.localize(frame.image, frame.intrinsics), guided.localize(frame.image, frame.intrinsics)
+        assert a.success == b.success
+        if b.success:
+            assert "pnp_guided" in b.timings_ms and b.n_inliers >= a.n_inliers
+            dt, dr = pose_error(b.T_world_cam, frame.T_world_cam)
+            good.append(dt < 0.10 and dr < 5.0)
+    assert len(good) > 0 and np.sum(good) >= 0.5 * len(scene.queries["lighting"])
 
 
 def test_uncertainty_ranks_correspondences(mapped) -> None:

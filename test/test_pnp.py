@@ -9,7 +9,8 @@ from scipy.spatial.transform import Rotation
 
 from aceg_model.frames import Intrinsics
 from aceg_model.geometry import invert, make_pose, pose_error
-from aceg_model.pnp import DegenerateGeometryError, PnPConfig, pose_covariance, prefilter, solve_pnp
+from aceg_model.pnp import (DegenerateGeometryError, PnPConfig, pose_covariance, prefilter, refine_with_candidates,
+                             solve_pnp)
 
 INTRINSICS = Intrinsics.centred(525.0, 640, 480)
 # A camera somewhere in the world, looking along a tilted direction.
@@ -239,3 +240,37 @@ def test_covariance_follows_a_change_of_world_frame(rotvec, g_rotvec, g_t, seed)
     cov_g_66, _ = pose_covariance(G @ T_world_cam, points @ G[:3, :3].T + G[:3, 3], pixels, INTRINSICS)
     A_66 = np.kron(np.eye(2), G[:3, :3])
     assert np.allclose(cov_g_66, A_66 @ cov_66 @ A_66.T, rtol=1e-6, atol=1e-12)
+
+
+def test_guided_refinement_recovers_correspondences_the_first_match_missed() -> None:
+    # Each pixel's true point is one of 8 candidates; the first match took it for 25 % of the
+    # pixels and a look-alike elsewhere in the room for the rest. The refinement re-matches
+    # with the accepted pose and must find (nearly) all true points and a better pose.
+    rng = np.random.default_rng(7)
+    n, k = 1000, 8
+    points, pixels, _ = synthetic(n, rng, noise_px=2.0)
+    candidates = points[:, None] + rng.normal(0.0, 1.5, size=(n, k, 3))  # look-alikes, metres away
+    true_slot = rng.integers(k, size=n)
+    candidates[np.arange(n), true_slot] = points
+    first = candidates[np.arange(n), np.where(rng.random(n) < 0.25, true_slot, (true_slot + 1) % k)]
+    config = PnPConfig(top_k=None)
+    result = solve_pnp(first, pixels, INTRINSICS, config)
+    assert result.success, result.reason
+    refined = refine_with_candidates(result, candidates, pixels, INTRINSICS, config)
+    assert refined.n_inliers > 3 * result.n_inliers
+    assert refined.inlier_mask.mean() > 0.9
+    dt_first, _ = pose_error(result.T_world_cam, T_WORLD_CAM)
+    dt_refined, dr_refined = pose_error(refined.T_world_cam, T_WORLD_CAM)
+    assert dt_refined < dt_first and dt_refined < 5e-3 and dr_refined < 0.05
+    assert "guided" in refined.timings_ms
+    # The covariance follows the larger inlier set.
+    assert np.trace(refined.covariance_66[:3, :3]) < np.trace(result.covariance_66[:3, :3])
+
+
+def test_guided_refinement_keeps_refusals_and_checks_shapes() -> None:
+    points, pixels, _ = synthetic(30, np.random.default_rng(8))
+    refused = solve_pnp(points, pixels, INTRINSICS)  # fewer than min_inliers
+    assert not refused.success
+    assert refine_with_candidates(refused, points[:, None], pixels, INTRINSICS) is refused
+    with pytest.raises(ValueError, match="candidates_NK3"):
+        refine_with_candidates(refused, points, pixels, INTRINSICS)

@@ -38,7 +38,7 @@ Progress = Callable[[str, int, int, dict], None]
 @dataclass
 class MappingConfig:
     method: str = "aceg"  # 'aceg' (map codes) or 'ace' (per-scene MLP baseline)
-    iterations: int = 300  # ~0.15 s each on the 2-core CPU at the default batch; see benchmarks/README.md
+    iterations: int = 300  # ~0.03 s each on the 2-core CPU at the default batch, plus the candidate refreshes
     batch_patches: int = 4096
     # Seeded landmarks start close (plane sweep), so small steps: at 0.02 m the first
     # iterations undid the sweep (generated room 900001: 5 mm steps gave the best inlier ratio).

@@ -61,6 +61,7 @@ from tf2_msgs.msg import TFMessage
 
 from aceg_ros import params as P
 from aceg_ros import ros_conversions as rc
+from aceg_ros.spinning import spin
 
 try:  # a real ROS install: map->odom and base poses through TF lookups
     import tf2_ros
@@ -943,7 +944,7 @@ def main(args: list[str] | None = None) -> int:
                 if node.trigger_activate() != SUCCESS:
                     node.get_logger().fatal("activate failed (reason above); exiting")
                     return 1
-            executor.spin()
+            spin(executor)
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
         finally:

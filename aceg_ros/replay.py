@@ -558,8 +558,10 @@ class LocalizerSession:
     def _spin(self) -> None:
         from rclpy.executors import ExternalShutdownException
 
+        from aceg_ros.spinning import spin
+
         try:
-            self.executor.spin()
+            spin(self.executor)
         except ExternalShutdownException:
             pass
 

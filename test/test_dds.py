@@ -52,3 +52,66 @@ def test_tf_message_crosses_dds(node) -> None:
     got = exchange(node, TFMessage, "dds_test_tf", TFMessage(transforms=[t]))
     assert got.transforms[0].child_frame_id == "camera"
     assert got.transforms[0].transform.translation.x == 1.5
+
+
+def test_spinning_survives_an_entity_destroyed_while_the_executor_collects_it(node) -> None:
+    """The node destroys publishers and subscriptions at deactivate / cleanup from a service callback
+    in a MultiThreadedExecutor worker; when that races with the executor collecting the wait set,
+    rclpy raises InvalidHandle in the spinning thread and ``executor.spin()`` ends (ros2/rclpy#1284;
+    seen once in CI). The race is replayed deterministically with a waitable that is destroyed the
+    first time it is collected: ``aceg_ros.spinning.spin`` keeps spinning, the node's timer fires on."""
+    import threading
+
+    from rclpy._rclpy_pybind11 import InvalidHandle
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.waitable import NumberOfEntities, Waitable
+
+    from aceg_ros.spinning import spin
+
+    class DestroyedWhileCollected(Waitable):
+        def __init__(self) -> None:
+            super().__init__(node.default_callback_group)
+            self.collected = threading.Event()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            return None
+
+        def get_num_entities(self) -> NumberOfEntities:
+            return NumberOfEntities()
+
+        def add_to_wait_set(self, wait_set) -> None:
+            node.remove_waitable(self)  # gone from the next collection, as a destroyed entity is
+            self.collected.set()
+            raise InvalidHandle("cannot use Destroyable because destruction was requested")
+
+        def is_ready(self, wait_set) -> bool:
+            return False
+
+        def take_data(self):
+            return None
+
+        async def execute(self, taken_data) -> None:
+            return None
+
+    ticks = []
+    node.create_timer(0.01, lambda: ticks.append(time.monotonic()))
+    executor = MultiThreadedExecutor(num_threads=2)
+    executor.add_node(node)
+    thread = threading.Thread(target=spin, args=(executor,), daemon=True)
+    thread.start()
+    try:
+        racer = DestroyedWhileCollected()
+        node.add_waitable(racer)
+        executor.wake()
+        assert racer.collected.wait(5.0), "the executor never collected the waitable"
+        after = time.monotonic()
+        deadline = after + 5.0
+        while not (ticks and ticks[-1] > after) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert thread.is_alive() and ticks and ticks[-1] > after, "the executor stopped spinning"
+    finally:
+        executor.shutdown()
+        thread.join(timeout=5.0)

@@ -42,6 +42,7 @@ from aceg_ros import params as P  # noqa: E402
 from aceg_ros import ros_conversions as rc  # noqa: E402
 from aceg_ros.image_codec import encode_compressed, encode_image  # noqa: E402
 from aceg_ros.localizer_node import AcegLocalizer, LatestSlot, VoxelCloud  # noqa: E402
+from aceg_ros.spinning import spin  # noqa: E402
 from scipy.spatial.transform import Rotation  # noqa: E402
 
 pytestmark = pytest.mark.ros
@@ -201,7 +202,7 @@ class Harness:
         self.executor = MultiThreadedExecutor(num_threads=4)
         self.executor.add_node(self.node)
         self.executor.add_node(self.probe)
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self._thread = threading.Thread(target=spin, args=(self.executor,), daemon=True)
         self._thread.start()
         if activate:
             assert self.node.trigger_configure() == P_SUCCESS

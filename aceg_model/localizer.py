@@ -50,6 +50,8 @@ class Localizer:
 
     @torch.inference_mode()
     def _regress(self, image: np.ndarray, intrinsics: Intrinsics, with_candidates: bool):
+        """``regress`` plus each patch's candidate landmark positions (N x k x 3, map frame; None
+        unless ``with_candidates`` and the map has landmarks), for the guided refinement."""
         t0 = time.perf_counter()
         image_1HW, K_work = prepare_image(image, intrinsics, self.model.config.image_height)
         feats_1Dhw = self.model.encoder(image_1HW.unsqueeze(0).to(self.device))

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from aceg_model.geometry import pose_error
+from aceg_model.landmarks import SweepConfig
 from aceg_model.localizer import Localizer
 from aceg_model.mapping import METHODS, MappingConfig, SceneMap, map_scene, progress_bar
 from aceg_model.metrics import accuracy_summary
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-map", type=Path, default=None, help="write the map made here to this file")
     p.add_argument("--iterations", type=int, default=MappingConfig.iterations, help="mapping iterations")
     p.add_argument("--batch-patches", type=int, default=MappingConfig.batch_patches, help="patches per mapping iteration")
+    p.add_argument("--sweep-scale", type=int, default=SweepConfig.scale,
+                   help="the landmark plane sweep compares images encoded at this multiple of the model's resolution (1-4)")
     p.add_argument("--fixed-depth-seeds", action="store_true",
                    help="seed every landmark at the loss's target depth instead of plane-sweeping (ablation)")
     p.add_argument("--top-k", type=int, default=PnPConfig.top_k,
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.top_k < 0:
         p.error(f"--top-k must be >= 0 (0 = all correspondences), got {args.top_k}")
+    if not 1 <= args.sweep_scale <= 4:
+        p.error(f"--sweep-scale must be in 1..4, got {args.sweep_scale}")
 
     from aceg_model.datasets import open_dataset
 
@@ -117,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         progress, bar = progress_bar(args.iterations, f"mapping ({args.method})")
         scene_map, report = map_scene(model, mapping, MappingConfig(method=args.method, iterations=args.iterations,
                                                                batch_patches=args.batch_patches,
-                                                               sweep_seeds=not args.fixed_depth_seeds), progress)
+                                                               sweep_seeds=not args.fixed_depth_seeds,
+                                                               sweep=SweepConfig(scale=args.sweep_scale)), progress)
         bar.close()
         mapping_seconds = time.perf_counter() - t0
         if args.save_map:

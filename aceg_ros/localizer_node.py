@@ -848,6 +848,7 @@ class AcegLocalizer(LifecycleNode):
         return ""
 
     def _run_mapping(self, job: _MappingJob) -> None:
+        from aceg_model.landmarks import SweepConfig
         from aceg_model.localizer import Localizer
         from aceg_model.mapping import MappingConfig, map_scene
         from aceg_ros.bag_io import read_bag_frames
@@ -882,7 +883,8 @@ class AcegLocalizer(LifecycleNode):
             progress("reading_bag", 1, 1, {})
             dropped = _dropped_summary(report, len(frames))
             cfg = MappingConfig(method=v["mapping.method"], iterations=v["mapping.iterations"],
-                                batch_patches=v["mapping.batch_patches"])
+                                batch_patches=v["mapping.batch_patches"],
+                                sweep=SweepConfig(scale=v["mapping.sweep_scale"]))
             scene_map, rep = map_scene(self._model, frames, cfg, progress)
             out = Path(job.output).expanduser()
             progress("writing", 0, 1, {})

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from aceg_model.landmarks import SweepConfig
 from aceg_model.mapping import METHODS, MappingConfig, map_scene, progress_bar
 from aceg_model.model import AcegModel, pick_device
 
@@ -48,16 +49,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="pre-trained model (safetensors)")
     p.add_argument("--method", choices=METHODS, default="aceg", help="map codes (aceg) or MLP baseline (ace)")
     p.add_argument("--iterations", type=int, default=MappingConfig.iterations, help="optimization iterations")
+    p.add_argument("--sweep-scale", type=int, default=SweepConfig.scale,
+                   help="the landmark plane sweep compares images encoded at this multiple of the model's resolution "
+                        "(1-4; encoding time and memory grow with scale^2)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = p.parse_args(argv)
     if args.iterations <= 0:
         p.error("--iterations must be > 0")
+    if not 1 <= args.sweep_scale <= 4:
+        p.error("--sweep-scale must be in 1..4")
     try:
         model = AcegModel.load(args.model, pick_device(args.device))
         frames = load_frames(args)
         progress, bar = progress_bar(args.iterations, f"mapping {len(frames)} frames")
         t0 = time.perf_counter()
-        scene_map, report = map_scene(model, frames, MappingConfig(method=args.method, iterations=args.iterations),
+        scene_map, report = map_scene(model, frames, MappingConfig(method=args.method, iterations=args.iterations,
+                                                                  sweep=SweepConfig(scale=args.sweep_scale)),
                                       progress)
         bar.close()
         scene_map.save(args.out)

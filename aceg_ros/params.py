@@ -111,6 +111,10 @@ PARAMETERS: tuple[Spec, ...] = (
     Spec("mapping.iterations", 300, "optimization iterations [count]", CALL, range=(1, 1_000_000)),
     Spec("mapping.batch_patches", 4096, "patches per optimization step (lower it if GPU memory is short) [count]",
          CALL, range=(64, 1_000_000)),
+    Spec("mapping.sweep_scale", 3, "the plane sweep placing the landmarks compares the mapping images "
+         "encoded at this multiple of the model's resolution: finer depths, but scale^2 the encoding time "
+         "and memory (mapping 500 frames of 640x480 peaked at 2.7 GB at 3, 1.6 GB at 1); lower it if memory is short",
+         CALL, range=(1, 4)),
     Spec("mapping.method", "aceg", "aceg = optimize map codes of the pre-trained regressor; ace = the "
          "per-scene MLP baseline", CALL, choices=MAPPING_METHODS),
 )

@@ -69,7 +69,7 @@ def test_map_scene_while_localizing(harness, scene, bag, tmp_path) -> None:
     # a clean CI run finished mapping after 2 images).
     iterations = 150
     h = harness(overrides={"mapping.bag": str(bag), "mapping.output": str(out), "mapping.iterations": iterations,
-                           "mapping.batch_patches": 512, "points.period": 1.0})
+                           "mapping.batch_patches": 512, "mapping.sweep_scale": 2, "points.period": 1.0})
     progress: list = []
     h.probe.create_subscription(String, "/aceg/mapping_progress", lambda m: progress.append(json.loads(m.data)), 50)
     info = camera_info_msg()
@@ -107,6 +107,7 @@ def test_map_scene_while_localizing(harness, scene, bag, tmp_path) -> None:
     # A valid map for this model, written atomically (nothing left beside it), now the node's map.
     loaded = SceneMap.load(out, scene.model)
     assert loaded.method == "aceg" and loaded.centre_3.shape == (3,)
+    assert loaded.meta["mapping"]["sweep"]["scale"] == 2, "mapping.sweep_scale reaches the mapping"
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name], "no temporary files left behind"
     assert h.node.get_parameter("map_path").value == str(out)
     assert h.node._localizer is not scene.localizer and h.node._localizer.scene_map.method == "aceg"

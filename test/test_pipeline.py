@@ -110,3 +110,6 @@ def test_aceg_eval_reuses_a_saved_map_and_reports_accuracy(mapped, tmp_path: Pat
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(args + ["--top-k", "-5"])
     assert exit_info.value.code == 2 and "--top-k must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(args + ["--sweep-scale", "0"])
+    assert exit_info.value.code == 2 and "--sweep-scale must be in 1..4" in capsys.readouterr().err

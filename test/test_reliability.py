@@ -265,6 +265,16 @@ def test_killed_mapping_run_leaves_the_old_map(scene, old_map, tmp_path) -> None
     SceneMap.load(out, scene.model)
 
 
+def test_map_cli_refuses_a_bad_sweep_scale_before_loading_anything(tmp_path, capsys) -> None:
+    from aceg_ros import map_cli
+
+    out = tmp_path / "site.map.safetensors"
+    with pytest.raises(SystemExit) as exit_info:
+        map_cli.main(["--data", str(tmp_path), "--out", str(out), "--sweep-scale", "9"])
+    assert exit_info.value.code == 2 and "--sweep-scale must be in 1..4" in capsys.readouterr().err
+    assert not out.exists()
+
+
 # --- 3. map and model files ----------------------------------------------------------------------------
 
 def test_truncated_or_altered_model_file_is_refused(scene, tmp_path) -> None:

@@ -65,12 +65,8 @@ class CodesHead(nn.Module):
         """``b x attention_top_k`` indices of the landmarks each patch attends to with the codes as they are."""
         if not self.regressor.uses_top_k(len(self.keys)):
             raise ValueError("candidates need top-k attention (attention_top_k < number of codes)")
-        if torch.is_grad_enabled():  # mapping: from the live codes
-            with torch.no_grad():
-                index = LandmarkIndex.build(self.keys.unsqueeze(0), self.positions.unsqueeze(0).contiguous())
-        else:
-            index = self.landmark_index()
-        return self.regressor.candidates(feats_bF.unsqueeze(0), index)[0]
+        # The cached index follows the codes' versions, so mapping's refreshes see the live codes.
+        return self.regressor.candidates(feats_bF.unsqueeze(0), self.landmark_index())[0]
 
     def forward(self, feats_bF: torch.Tensor, candidates_bk: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:

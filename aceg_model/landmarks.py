@@ -79,12 +79,8 @@ class SweepViews:
 
     def sample(self, images_C: torch.Tensor, pixels_C2: torch.Tensor) -> torch.Tensor:
         """Bilinearly interpolated descriptors ``C x D`` at pixels of this resolution."""
-        x0, y0, fx, fy, _ = _grid_cells(pixels_C2, self.hw)
-        w = self.hw[1]
-        p = y0 * w + x0
-        d = self.desc_IPD
-        out = ((1 - fx) * (1 - fy))[:, None] * d[images_C, p].float() + (fx * (1 - fy))[:, None] * d[images_C, p + 1].float()
-        return out + ((1 - fx) * fy)[:, None] * d[images_C, p + w].float() + (fx * fy)[:, None] * d[images_C, p + w + 1].float()
+        corners, weights, _ = _bilinear(pixels_C2, self.hw)
+        return sum(wt[:, None] * self.desc_IPD[images_C, p].float() for p, wt in zip(corners, weights))
 
 
 def neighbour_views(T_cam_map_I44: torch.Tensor, config: SweepConfig) -> torch.Tensor:
@@ -102,16 +98,20 @@ def neighbour_views(T_cam_map_I44: torch.Tensor, config: SweepConfig) -> torch.T
     return torch.where(torch.gather(score, 1, order).isfinite(), order, torch.full_like(order, -1))
 
 
-def _grid_cells(pixels_b2: torch.Tensor, hw: tuple[int, int]
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The patch-grid cell of each working-resolution pixel for bilinear sampling: its top-left
-    corner (x0, y0), the fractions (fx, fy) towards the next corners, and whether it is inside."""
+def _bilinear(pixels_b2: torch.Tensor, hw: tuple[int, int]
+              ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor]:
+    """Bilinear sampling of the patch grid at pixels (clamped to the grid): the flat indices of the
+    four corners of each pixel's cell (top-left, top-right, bottom-left, bottom-right), their
+    weights in the same order, and whether the pixel is inside the grid."""
     h, w = hw
     g = (pixels_b2 - (STRIDE - 1) / 2.0) / STRIDE  # patch-grid coordinates
     inside = (g[..., 0] >= 0) & (g[..., 0] <= w - 1) & (g[..., 1] >= 0) & (g[..., 1] <= h - 1)
     gx, gy = g[..., 0].clamp(0, w - 1), g[..., 1].clamp(0, h - 1)
     x0, y0 = gx.floor().long().clamp(max=w - 2), gy.floor().long().clamp(max=h - 2)
-    return x0, y0, gx - x0, gy - y0, inside
+    fx, fy = gx - x0, gy - y0
+    pa = y0 * w + x0
+    return ((pa, pa + 1, pa + w, pa + w + 1),
+            ((1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy), inside)
 
 
 def neighbour_dots(desc_IhwF: torch.Tensor, images_per_batch: int = 32) -> torch.Tensor:
@@ -142,10 +142,7 @@ def interpolated_cosines(own_kF: torch.Tensor, desc_nPF: torch.Tensor, dots_n5P:
     scalars are gathered instead of descriptors (~25x less memory traffic; the sweep's main cost)."""
     h, w = hw
     k, n, d, _ = pixels_knd2.shape
-    x0, y0, fx, fy, inside = _grid_cells(pixels_knd2, hw)
-    wa, wb, wc, wd = (1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy
-    pa = (y0 * w + x0).view(k, n, d)
-    pb, pc, pd = pa + 1, pa + w, pa + w + 1
+    (pa, pb, pc, pd), (wa, wb, wc, wd), inside = _bilinear(pixels_knd2, hw)
     scores_knP = torch.einsum("kf,npf->knp", own_kF, desc_nPF.float())
 
     def score(p: torch.Tensor) -> torch.Tensor:

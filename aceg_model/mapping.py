@@ -167,13 +167,12 @@ class FeatureCache:
     sweep_views: SweepViews | None = None  # what the plane sweep compares (ACE-G seeding only)
 
 
-def _sweep_keys(model: AcegModel, frame: Frame, scale: int) -> tuple[torch.Tensor, np.ndarray, tuple[int, int]]:
-    """The regressor's keys (``P x K`` float16) of one image encoded at ``scale`` x the working
-    height, with the intrinsics and patch grid of that size: what the plane sweep compares."""
+def _encode_at_scale(model: AcegModel, frame: Frame, scale: int) -> tuple[torch.Tensor, np.ndarray, tuple[int, int]]:
+    """Features ``P x D`` of one image encoded at ``scale`` x the working height, with the
+    intrinsics and patch grid of that size (for the plane sweep)."""
     image_1HW, K = prepare_image(frame.image, frame.intrinsics, model.config.image_height * scale)
     feats_1Dhw = model.encoder(image_1HW.unsqueeze(0).to(model.device))
-    keys_1PK = model.regressor.queries(feats_1Dhw[0].flatten(1).T.unsqueeze(0))[1]
-    return keys_1PK[0].half(), K.K, tuple(feats_1Dhw.shape[2:])
+    return feats_1Dhw[0].flatten(1).T, K.K, tuple(feats_1Dhw.shape[2:])
 
 
 @torch.inference_mode()
@@ -200,13 +199,11 @@ def cache_features(model: AcegModel, frames: Sequence[Frame], centre_3: np.ndarr
             idx.append(torch.full((h * w,), start + i, dtype=torch.long, device=device))
             poses.append(invert(frame.T_world_cam) @ T_world_map)  # T_cam_map
             Ks.append(K.K)
-            if sweep_scale == 1:  # the working-resolution features themselves
-                sweep_keys.append(model.regressor.queries(feats[-1].float().unsqueeze(0))[1][0].half())
-                sweep_Ks.append(K.K)
-                sweep_hw = (h, w)
-            elif sweep_scale:
-                keys_PK, K_sweep, sweep_hw = _sweep_keys(model, frame, sweep_scale)
-                sweep_keys.append(keys_PK)
+            if sweep_scale:  # at scale 1, the working-resolution features themselves
+                sweep_feats_PD, K_sweep, sweep_hw = ((feats[-1], K.K, (h, w)) if sweep_scale == 1
+                                                     else _encode_at_scale(model, frame, sweep_scale))
+                # The sweep compares the regressor's keys, where landmarks will be matched (64 dims, not 128).
+                sweep_keys.append(model.regressor.queries(sweep_feats_PD.float().unsqueeze(0))[1][0].half())
                 sweep_Ks.append(K_sweep)
         if progress:
             progress("encode", start + len(chunk), len(frames), {})
@@ -238,7 +235,6 @@ def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch
     sel = sel.to(cache.feats_NF.device)
     depth = torch.full((len(sel),), depth_m, device=sel.device)
     if sweep is not None:
-        # Sweep in the regressor's key space, where landmarks will be matched: 64 instead of 128 dims.
         if cache.sweep_views is None or cache.sweep_views.scale != sweep.scale:
             raise ValueError(f"the feature cache holds no sweep views at scale {sweep.scale} "
                              f"(cache_features(..., sweep_scale={sweep.scale}))")

@@ -241,6 +241,11 @@ def pose_covariance(
     return 0.5 * (cov_66 + cov_66.T), float(np.sqrt(sigma2))
 
 
+def _poselib_camera(intrinsics: Intrinsics) -> poselib.Camera:
+    return poselib.Camera("PINHOLE", [intrinsics.fx, intrinsics.fy, intrinsics.cx, intrinsics.cy],
+                          intrinsics.width, intrinsics.height)
+
+
 def _T_world_cam_from_poselib(pose: poselib.CameraPose) -> np.ndarray:
     # poselib's pose is world-to-camera: x_cam = R X_world + t.
     return invert(make_pose(np.asarray(pose.R), np.asarray(pose.t)))
@@ -305,8 +310,7 @@ def solve_pnp(
     # RANSAC + refinement; thresholds and loss scale are in pixels for poselib's Camera API.
     threshold_px = config.threshold_for(intrinsics.height)
     t0 = time.perf_counter()
-    camera = poselib.Camera("PINHOLE", [intrinsics.fx, intrinsics.fy, intrinsics.cx, intrinsics.cy],
-                            intrinsics.width, intrinsics.height)
+    camera = _poselib_camera(intrinsics)
     ransac_opt = {"max_reproj_error": threshold_px, "min_iterations": config.min_iterations,
                   "max_iterations": config.max_iterations, "seed": config.seed}
     bundle_opt = {"loss_type": "CAUCHY", "loss_scale": 0.5 * threshold_px}
@@ -372,8 +376,7 @@ def refine_with_candidates(
     matched_N = err_N < threshold_px
     if matched_N.sum() < config.min_inliers:
         return result
-    camera = poselib.Camera("PINHOLE", [intrinsics.fx, intrinsics.fy, intrinsics.cx, intrinsics.cy],
-                            intrinsics.width, intrinsics.height)
+    camera = _poselib_camera(intrinsics)
     T_cam_world = invert(result.T_world_cam)
     initial = poselib.CameraPose()
     initial.R, initial.t = T_cam_world[:3, :3], T_cam_world[:3, 3]

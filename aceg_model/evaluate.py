@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from aceg_model.geometry import pose_error
-from aceg_model.landmarks import SweepConfig
+from aceg_model.landmarks import MAX_SWEEP_SCALE, SweepConfig
 from aceg_model.localizer import Localizer
 from aceg_model.mapping import METHODS, MappingConfig, SceneMap, map_scene, progress_bar
 from aceg_model.metrics import accuracy_summary
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=MappingConfig.iterations, help="mapping iterations")
     p.add_argument("--batch-patches", type=int, default=MappingConfig.batch_patches, help="patches per mapping iteration")
     p.add_argument("--sweep-scale", type=int, default=SweepConfig.scale,
-                   help="the landmark plane sweep compares images encoded at this multiple of the model's resolution (1-4)")
+                   help=f"the landmark plane sweep compares images encoded at this multiple of the model's resolution "
+                        f"(1-{MAX_SWEEP_SCALE})")
     p.add_argument("--fixed-depth-seeds", action="store_true",
                    help="seed every landmark at the loss's target depth instead of plane-sweeping (ablation)")
     p.add_argument("--top-k", type=int, default=PnPConfig.top_k,
@@ -88,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.top_k < 0:
         p.error(f"--top-k must be >= 0 (0 = all correspondences), got {args.top_k}")
-    if not 1 <= args.sweep_scale <= 4:
-        p.error(f"--sweep-scale must be in 1..4, got {args.sweep_scale}")
+    if not 1 <= args.sweep_scale <= MAX_SWEEP_SCALE:
+        p.error(f"--sweep-scale must be in 1..{MAX_SWEEP_SCALE}, got {args.sweep_scale}")
 
     from aceg_model.datasets import open_dataset
 

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from aceg_model.landmarks import SweepConfig
+from aceg_model.landmarks import MAX_SWEEP_SCALE, SweepConfig
 from aceg_model.mapping import METHODS, MappingConfig, map_scene, progress_bar
 from aceg_model.model import AcegModel, pick_device
 
@@ -51,13 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=MappingConfig.iterations, help="optimization iterations")
     p.add_argument("--sweep-scale", type=int, default=SweepConfig.scale,
                    help="the landmark plane sweep compares images encoded at this multiple of the model's resolution "
-                        "(1-4; encoding time and memory grow with scale^2)")
+                        f"(1-{MAX_SWEEP_SCALE}; encoding time and memory grow with scale^2)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = p.parse_args(argv)
     if args.iterations <= 0:
         p.error("--iterations must be > 0")
-    if not 1 <= args.sweep_scale <= 4:
-        p.error("--sweep-scale must be in 1..4")
+    if not 1 <= args.sweep_scale <= MAX_SWEEP_SCALE:
+        p.error(f"--sweep-scale must be in 1..{MAX_SWEEP_SCALE}")
     try:
         model = AcegModel.load(args.model, pick_device(args.device))
         frames = load_frames(args)

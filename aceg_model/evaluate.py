@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="seed every landmark at the loss's target depth instead of plane-sweeping (ablation)")
     p.add_argument("--top-k", type=int, default=PnPConfig.top_k,
                    help="PnP prefilter: keep the k most certain correspondences; 0 = all")
+    p.add_argument("--no-refine-pixels", action="store_true",
+                   help="use the patch centres as the correspondences' pixels (no sub-patch refinement)")
     p.add_argument("--max-query", type=int, default=None, help="evaluate only every n-th query so at most this many")
     p.add_argument("--perturb", nargs="*", choices=PERTURBATIONS, default=None,
                    help="also evaluate under these photometric changes (none given: all)")
@@ -129,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         mapping_seconds = time.perf_counter() - t0
         if args.save_map:
             scene_map.save(args.save_map)
-    localizer = Localizer(model, scene_map, PnPConfig(top_k=args.top_k or None))
+    localizer = Localizer(model, scene_map, PnPConfig(top_k=args.top_k or None, refine_pixels=not args.no_refine_pixels))
     result = {"method": args.method, "data": str(args.data), "model": str(args.model), "device": str(device),
-              "n_mapping": len(mapping), "mapping_seconds": mapping_seconds}
+              "n_mapping": len(mapping), "mapping_seconds": mapping_seconds,
+              "refine_pixels": localizer.refines_pixels}
     result.update(evaluate_queries(localizer, queries))
     if args.perturb is not None:
         result["perturbed"] = {}
@@ -141,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
     rows = [("as recorded", result)] + [(k, v) for k, v in result.get("perturbed", {}).items()]
-    print(f"{args.method}: mapping {mapping_seconds:.0f} s, {len(queries)} queries")
+    refined = "pixels refined within their patches" if localizer.refines_pixels else "patch-centre pixels"
+    print(f"{args.method}: mapping {mapping_seconds:.0f} s, {len(queries)} queries, {refined}")
     for name, r in rows:
         print(f"  {name:12s} 5cm/5deg {r['pct_5cm_5deg']:5.1f}%  10cm/10deg {r['pct_10cm_10deg']:5.1f}%  "
               f"median {r['median_trans_cm']:.1f} cm / {r['median_rot_deg']:.2f} deg  failed {r['n_failed']}  "

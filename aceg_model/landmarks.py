@@ -84,7 +84,7 @@ class SweepViews:
 
     def sample(self, images_C: torch.Tensor, pixels_C2: torch.Tensor) -> torch.Tensor:
         """Bilinearly interpolated descriptors ``C x D`` at pixels of this resolution."""
-        corners, weights, _ = _bilinear(pixels_C2, self.hw)
+        corners, weights, _ = bilinear_corners(pixels_C2, self.hw)
         return sum(wt[:, None] * self.desc_IPD[images_C, p].float() for p, wt in zip(corners, weights))
 
 
@@ -103,7 +103,7 @@ def neighbour_views(T_cam_map_I44: torch.Tensor, config: SweepConfig) -> torch.T
     return torch.where(torch.gather(score, 1, order).isfinite(), order, torch.full_like(order, -1))
 
 
-def _bilinear(pixels_b2: torch.Tensor, hw: tuple[int, int]
+def bilinear_corners(pixels_b2: torch.Tensor, hw: tuple[int, int]
               ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor]:
     """Bilinear sampling of the patch grid at pixels (clamped to the grid): the flat indices of the
     four corners of each pixel's cell (top-left, top-right, bottom-left, bottom-right), their
@@ -147,22 +147,26 @@ def interpolated_cosines(own_kF: torch.Tensor, desc_nPF: torch.Tensor, dots_n5P:
     scalars are gathered instead of descriptors (~25x less memory traffic; the sweep's main cost)."""
     h, w = hw
     k, n, d, _ = pixels_knd2.shape
-    (pa, pb, pc, pd), (wa, wb, wc, wd), inside = _bilinear(pixels_knd2, hw)
+    corners, weights, inside = bilinear_corners(pixels_knd2, hw)
     scores_knP = torch.einsum("kf,npf->knp", own_kF, desc_nPF.float())
-
-    def score(p: torch.Tensor) -> torch.Tensor:
-        return scores_knP.gather(2, p)
-
     dots = dots_n5P.unsqueeze(0).expand(k, n, 5, h * w)
+    return bilinear_cosine(corners, weights, lambda p: scores_knP.gather(2, p),
+                           lambda j, p: dots[:, :, j].gather(2, p)), inside
 
-    def dot(j: int, p: torch.Tensor) -> torch.Tensor:
-        return dots[:, :, j].gather(2, p)
 
+def bilinear_cosine(corners: tuple[torch.Tensor, ...], weights: tuple[torch.Tensor, ...],
+                    score: Callable[[torch.Tensor], torch.Tensor],
+                    dot: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Cosine between a unit descriptor and the bilinear interpolation of four grid descriptors,
+    from scalars only: ``score(corner)`` is the descriptor's dot product with a corner's
+    descriptor, ``dot(j, corner)`` the corner's entry j of ``neighbour_dots``; ``corners`` and
+    ``weights`` as ``bilinear_corners`` gives them."""
+    (pa, pb, pc, pd), (wa, wb, wc, wd) = corners, weights
     num = wa * score(pa) + wb * score(pb) + wc * score(pc) + wd * score(pd)
     sq = (wa * wa * dot(0, pa) + wb * wb * dot(0, pb) + wc * wc * dot(0, pc) + wd * wd * dot(0, pd)
           + 2 * (wa * wb * dot(1, pa) + wc * wd * dot(1, pc) + wa * wc * dot(2, pa) + wb * wd * dot(2, pb)
                  + wa * wd * dot(3, pa) + wb * wc * dot(4, pa)))
-    return num / sq.clamp(min=0).sqrt().clamp(min=1e-12), inside
+    return num / sq.clamp(min=0).sqrt().clamp(min=1e-12)
 
 
 @torch.no_grad()

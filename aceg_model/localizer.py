@@ -1,6 +1,7 @@
 """Localization: one image in, a camera pose with covariance out (or a clear refusal).
 
 encode -> regress scene coordinates + uncertainty for every patch ->
+refine each patch's pixel to where its landmark lies (``aceg_model.pixel_refinement``) ->
 prefilter by uncertainty -> robust PnP (poselib RANSAC + refinement) ->
 6x6 covariance from the inliers (``aceg_model.pnp``).
 The network and the scene head stay on one device for the whole run.
@@ -17,6 +18,7 @@ from aceg_model.encoder import patch_centres
 from aceg_model.frames import Intrinsics
 from aceg_model.mapping import SceneMap
 from aceg_model.model import AcegModel, prepare_image
+from aceg_model.pixel_refinement import encode_fine, refine_pixels
 from aceg_model.pnp import PnPConfig, refine_with_candidates, solve_pnp
 
 
@@ -44,9 +46,15 @@ class Localizer:
         return self.model.device
 
     def regress(self, image: np.ndarray, intrinsics: Intrinsics) -> tuple[np.ndarray, np.ndarray, np.ndarray, Intrinsics, dict]:
-        """Scene coordinates (N x 3, map frame), log sigma (N), pixels (N x 2, original image) and timings."""
+        """Scene coordinates (N x 3, map frame), log sigma (N), pixels (N x 2, original image;
+        refined within their patches when ``pnp.refine_pixels`` and the map has fine keys) and timings."""
         coords, log_sigma, pixels, K_work, timings, _ = self._regress(image, intrinsics, with_candidates=False)
         return coords, log_sigma, pixels, K_work, timings
+
+    @property
+    def refines_pixels(self) -> bool:
+        """Whether localization refines the correspondences' pixels (setting on, map with fine keys)."""
+        return self.pnp.refine_pixels and self.scene_map.fine is not None
 
     @torch.inference_mode()
     def _regress(self, image: np.ndarray, intrinsics: Intrinsics, with_candidates: bool):
@@ -59,19 +67,30 @@ class Localizer:
         t1 = time.perf_counter()
         _, D, h, w = feats_1Dhw.shape
         feats_PD = feats_1Dhw[0].flatten(1).T
-        if with_candidates:
-            coords_P3, log_sigma_P, candidates_Pk3 = self.scene_map.predict_with_candidates(feats_PD)
+        refine = self.refines_pixels
+        if with_candidates or refine:
+            coords_P3, log_sigma_P, candidates_Pk = self.scene_map.predict_with_candidates(feats_PD)
         else:
-            (coords_P3, log_sigma_P), candidates_Pk3 = self.scene_map.predict(feats_PD), None
+            (coords_P3, log_sigma_P), candidates_Pk = self.scene_map.predict(feats_PD), None
         self._sync()
         t2 = time.perf_counter()
-        # Patch centres back to original-image pixels (inverse of prepare_image's scaling).
-        pix_P2 = patch_centres(h, w).numpy().astype(np.float64)
+        timings = {"encoder": 1e3 * (t1 - t0), "regressor": 1e3 * (t2 - t1)}
+        pix_P2 = patch_centres(h, w, self.device)
+        if refine and candidates_Pk is not None:
+            fine = self.scene_map.fine
+            desc_QK, fine_hw = encode_fine(self.model, image, intrinsics, fine.scale)
+            pix_P2, _ = refine_pixels(fine.keys_MK[candidates_Pk[:, 0]], desc_QK, fine_hw, fine.scale, pix_P2,
+                                      self.pnp.refine_window_px)
+            self._sync()
+            timings["refine_pixels"] = 1e3 * (time.perf_counter() - t2)
+        # Working-resolution pixels back to original-image pixels (inverse of prepare_image's scaling).
+        pix_P2 = pix_P2.cpu().numpy().astype(np.float64)
         sx, sy = K_work.width / intrinsics.width, K_work.height / intrinsics.height
         pix_P2[:, 0] = (pix_P2[:, 0] + 0.5) / sx - 0.5
         pix_P2[:, 1] = (pix_P2[:, 1] + 0.5) / sy - 0.5
-        timings = {"encoder": 1e3 * (t1 - t0), "regressor": 1e3 * (t2 - t1)}
-        candidates = None if candidates_Pk3 is None else candidates_Pk3.float().cpu().numpy().astype(np.float64)
+        candidates = None
+        if with_candidates and candidates_Pk is not None:
+            candidates = self.scene_map.landmark_positions(candidates_Pk).float().cpu().numpy().astype(np.float64)
         return (coords_P3.float().cpu().numpy().astype(np.float64), log_sigma_P.float().cpu().numpy(),
                 pix_P2, K_work, timings, candidates)
 

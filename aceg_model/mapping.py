@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from aceg_model.encoder import patch_centres
 from aceg_model.frames import Frame
@@ -27,6 +28,7 @@ from aceg_model.heads import CodesHead, MlpHead
 from aceg_model.landmarks import SweepConfig, SweepViews, sweep_depths
 from aceg_model.losses import ReprojectionLossConfig, pixel_rays, reprojection_nll
 from aceg_model.model import AcegModel, prepare_image
+from aceg_model.pixel_refinement import refine_pixels
 
 MAP_KIND = "aceg-map"
 MIN_MAPPING_FRAMES = 3
@@ -53,6 +55,13 @@ class MappingConfig:
     # a patch attends to the landmarks found at the last search (their keys and positions live).
     # The search is ~3/4 of an iteration's time. 0: search at every iteration.
     candidate_refresh: int = 150
+    # ACE-G with fine keys: at each candidate refresh, move every mapping patch's pixel within its
+    # patch to where its best landmark's fine key matches best in that image
+    # (``aceg_model.pixel_refinement``), so the reprojection loss compares landmarks with where
+    # they are seen rather than with patch centres. Window in working-resolution pixels. Runs at
+    # the refreshes only: with candidate_refresh 0 the pixels stay the patch centres.
+    refine_pixels: bool = True
+    refine_window_px: int = 6
     seed: int = 0
     encode_batch: int = 8  # images per encoder call when caching features
     sweep_seeds: bool = True  # landmark depths from a plane sweep (False: all at loss.target_depth)
@@ -64,6 +73,8 @@ class MappingConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.iterations <= 0 or self.batch_patches <= 0:
             raise ValueError("iterations and batch_patches must be > 0")
+        if self.refine_window_px < 1:
+            raise ValueError(f"refine_window_px must be >= 1 px, got {self.refine_window_px}")
         if self.candidate_refresh < 0:
             raise ValueError(f"candidate_refresh must be >= 0 (0: search every iteration), got {self.candidate_refresh}")
 
@@ -82,12 +93,24 @@ def make_head(model: AcegModel, method: str, seed: int = 0) -> torch.nn.Module:
 
 
 @dataclass
+class FineKeys:
+    """Each landmark's descriptor at its pixel in its mapping image encoded at ``scale`` x the
+    working resolution (unit rows, float16): what the query's sub-patch refinement looks for
+    (``aceg_model.pixel_refinement``). Row m belongs to landmark m."""
+
+    keys_MK: torch.Tensor
+    scale: int
+
+
+@dataclass
 class SceneMap:
-    """A mapped scene: its head (codes or MLP) and the map centre (scene coords are relative to it)."""
+    """A mapped scene: its head (codes or MLP), the map centre (scene coords are relative to it)
+    and, for landmark maps seeded by a fine plane sweep, the landmarks' fine keys."""
 
     head: torch.nn.Module
     centre_3: np.ndarray
     meta: dict = field(default_factory=dict)
+    fine: FineKeys | None = None
 
     @property
     def method(self) -> str:
@@ -100,14 +123,18 @@ class SceneMap:
 
     def predict_with_candidates(self, feats_bF: torch.Tensor
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``predict`` plus each patch's candidate landmark positions (``b x k x 3``, map frame), the
-        ones its attention chose among; None for a head without landmarks (the MLP baseline)."""
+        """``predict`` plus the indices (``b x k``) of the landmarks each patch's attention chose
+        among, the best-matching one first; None for a head without landmarks (the MLP baseline)."""
         if not isinstance(self.head, CodesHead) or not self.head.regressor.uses_top_k(len(self.head.keys)):
             return (*self.predict(feats_bF), None)
-        candidates_bk = self.head.candidates(feats_bF)
+        candidates_bk = self.head.candidates(feats_bF, best_first=True)
         coords_b3, log_sigma_b = self.head(feats_bF, candidates_bk)
-        centre = self._centre_like(coords_b3)
-        return coords_b3 + centre, log_sigma_b, self.head.positions[candidates_bk] + centre
+        return coords_b3 + self._centre_like(coords_b3), log_sigma_b, candidates_bk
+
+    def landmark_positions(self, index: torch.Tensor) -> torch.Tensor:
+        """Positions (map frame) of the landmarks at ``index`` (any shape; adds a trailing 3)."""
+        positions = self.head.positions[index]
+        return positions + self._centre_like(positions)
 
     def _centre_like(self, x: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(self.centre_3, dtype=x.dtype, device=x.device)
@@ -117,23 +144,39 @@ class SceneMap:
 
         tensors = {f"head.{k}": v for k, v in self.head.scene_tensors().items()}
         tensors["centre"] = torch.as_tensor(self.centre_3, dtype=torch.float64)
-        save_tensors(path, tensors, {**self.meta, "method": self.method}, kind=MAP_KIND)
+        meta = {**self.meta, "method": self.method}
+        meta.pop("fine_scale", None)
+        if self.fine is not None:
+            tensors["fine_keys"] = self.fine.keys_MK.detach().to("cpu", torch.float16).contiguous()
+            meta["fine_scale"] = self.fine.scale
+        save_tensors(path, tensors, meta, kind=MAP_KIND)
 
     @classmethod
     def load(cls, path, model: AcegModel) -> "SceneMap":
         """Load a map and check it was made with ``model`` (same hash, same tensor shapes)."""
         from aceg_model.safe_files import read_meta, load_tensors
 
-        method = read_meta(path, kind=MAP_KIND).get("method")
+        header = read_meta(path, kind=MAP_KIND)
+        method = header.get("method")
         if method not in METHODS:
             raise ValueError(f"{path}: unknown map method {method!r}; expected one of {METHODS}")
         head = make_head(model, method)
         shapes = {f"head.{k}": tuple(v.shape) for k, v in head.scene_tensors().items()}
         shapes["centre"] = (3,)
+        fine_scale = header.get("fine_scale")
+        if fine_scale is not None:  # maps made before fine keys, or with a scale-1 sweep, have none
+            if method != "aceg" or not isinstance(fine_scale, int) or isinstance(fine_scale, bool) or fine_scale < 2:
+                raise ValueError(f"{path}: invalid fine_scale {fine_scale!r} for a {method!r} map")
+            shapes["fine_keys"] = (model.config.regressor.n_codes, model.config.regressor.key_dim)
         tensors, meta = load_tensors(path, kind=MAP_KIND, expected_shapes=shapes,
                                      expected_meta={"model_hash": model.model_hash()})
         head.load_scene_tensors({k[5:]: v.to(model.device) for k, v in tensors.items() if k.startswith("head.")})
-        return cls(head.eval(), tensors["centre"].numpy().astype(np.float64), meta)
+        fine = None
+        if fine_scale is not None:
+            if not tensors["fine_keys"].isfinite().all():
+                raise ValueError(f"{path}: fine_keys hold non-finite values")
+            fine = FineKeys(tensors["fine_keys"].to(model.device), fine_scale)
+        return cls(head.eval(), tensors["centre"].numpy().astype(np.float64), meta, fine)
 
 
 @dataclass
@@ -221,9 +264,13 @@ def cache_features(model: AcegModel, frames: Sequence[Frame], centre_3: np.ndarr
 
 @torch.no_grad()
 def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch.Generator,
-               sweep: SweepConfig | None = None, progress: Progress | None = None) -> torch.Tensor:
+               sweep: SweepConfig | None = None, progress: Progress | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Initial codes from the mapping images alone: patches drawn across all images become
-    landmarks, keyed by their own features and placed on their viewing rays.
+    landmarks, keyed by their own features and placed on their viewing rays. Also returns each
+    landmark's fine key (``M x K``, unit) for the query's sub-patch refinement
+    (``aceg_model.pixel_refinement``) when the sweep ran at a finer scale than the working one,
+    else None.
 
     With ``sweep`` each landmark's depth comes from a plane sweep against neighbouring mapping
     views (``aceg_model.landmarks``), and of ``sweep.oversample`` x M candidates the M with the
@@ -247,13 +294,34 @@ def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch
     T_map_cam_M44 = torch.linalg.inv(cache.T_cam_map_I44[img])
     pos_M3 = (torch.einsum("mij,mj->mi", T_map_cam_M44[:, :3, :3], rays_M3 * depth[:, None])
               + T_map_cam_M44[:, :3, 3])
-    return model.regressor.seed_codes(cache.feats_NF[sel].float(), pos_M3)
+    fine_keys_MK = None
+    if sweep is not None and sweep.scale > 1:
+        views = cache.sweep_views
+        fine_keys_MK = F.normalize(views.sample(img, views.to_sweep_pixels(cache.pixels_N2[sel])), dim=-1)
+    return model.regressor.seed_codes(cache.feats_NF[sel].float(), pos_M3), fine_keys_MK
 
 
 def all_candidates(head: CodesHead, feats_NF: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``N x k`` indices of the landmarks every mapping patch attends to with the codes as they are."""
+    """``N x k`` indices of the landmarks every mapping patch attends to with the codes as they
+    are, the best-matching first."""
     # int32: half the memory (600 000 patches x 16 of redkitchen's 500 frames: 38 MB)
-    return torch.cat([head.candidates(f.float()).int() for f in feats_NF.split(chunk)])
+    return torch.cat([head.candidates(f.float(), best_first=True).int() for f in feats_NF.split(chunk)])
+
+
+@torch.no_grad()
+def refined_pixels(cache: FeatureCache, fine: FineKeys, best_N: torch.Tensor, window_px: int) -> torch.Tensor:
+    """Every mapping patch's pixel (working resolution) moved to where the fine key of its best
+    landmark ``best_N`` matches best in its own image, on the sweep's fine descriptors."""
+    views = cache.sweep_views
+    if views is None or views.scale != fine.scale:
+        raise ValueError(f"refining mapping pixels needs the sweep's descriptors at scale {fine.scale}")
+    per_image = cache.grid_hw[0] * cache.grid_hw[1]  # the cache is image-major
+    out = torch.empty_like(cache.pixels_N2)
+    for i in range(len(views.desc_IPD)):
+        rows = slice(i * per_image, (i + 1) * per_image)
+        out[rows], _ = refine_pixels(fine.keys_MK[best_N[rows].long()], views.desc_IPD[i], views.hw, fine.scale,
+                                     cache.pixels_N2[rows], window_px)
+    return out
 
 
 def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig | None = None,
@@ -275,11 +343,12 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
     gen = torch.Generator().manual_seed(cfg.seed)
     t_seed = time.perf_counter()
     if cfg.method == "aceg":
-        codes = seed_codes(model, cache, cfg.loss.target_depth, gen, cfg.sweep if cfg.sweep_seeds else None, progress)
+        codes, fine_keys_MK = seed_codes(model, cache, cfg.loss.target_depth, gen,
+                                         cfg.sweep if cfg.sweep_seeds else None, progress)
         head = CodesHead(model.regressor, codes).train()
         groups = [{"params": [head.keys], "lr": cfg.lr_keys}, {"params": [head.positions], "lr": cfg.lr_positions}]
     else:
-        head = make_head(model, cfg.method, cfg.seed).train()
+        head, fine_keys_MK = make_head(model, cfg.method, cfg.seed).train(), None
         groups = [{"params": list(head.parameters()), "lr": cfg.lr_ace}]
     opt = torch.optim.Adam(groups)
     t_seed = time.perf_counter() - t_seed
@@ -289,10 +358,14 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
     loss_val, stats = float("nan"), {"valid": float("nan"), "median_px": float("nan")}
     refresh = cfg.candidate_refresh if cfg.method == "aceg" and model.regressor.uses_top_k(len(head.keys)) else 0
     candidates_Nk = None
+    fine = None if fine_keys_MK is None else FineKeys(fine_keys_MK.half(), cfg.sweep.scale)
+    pixels_N2 = cache.pixels_N2
     t1 = time.perf_counter()
     for it in range(cfg.iterations):
         if refresh and it % refresh == 0:
             candidates_Nk = all_candidates(head, cache.feats_NF, cfg.batch_patches)
+            if cfg.refine_pixels and fine is not None:
+                pixels_N2 = refined_pixels(cache, fine, candidates_Nk[:, 0], cfg.refine_window_px)
         sel = torch.randint(n, (min(cfg.batch_patches, n),), generator=gen).to(model.device)
         img = cache.image_idx_N[sel]
         feats_bF = cache.feats_NF[sel].float()
@@ -300,7 +373,7 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
             coords_b3, log_sigma_b = head(feats_bF)
         else:
             coords_b3, log_sigma_b = head(feats_bF, candidates_Nk[sel].long())
-        loss, stats = reprojection_nll(coords_b3, log_sigma_b, cache.pixels_N2[sel], cache.T_cam_map_I44[img],
+        loss, stats = reprojection_nll(coords_b3, log_sigma_b, pixels_N2[sel], cache.T_cam_map_I44[img],
                                        cache.K_I33[img], it / cfg.iterations, cfg.loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -323,7 +396,7 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
         "mapping": asdict(cfg),
         "report": asdict(report),
     }
-    return SceneMap(head.eval(), centre_3, meta), report
+    return SceneMap(head.eval(), centre_3, meta, fine), report
 
 
 def progress_bar(iterations: int, desc: str) -> tuple[Progress, "object"]:

@@ -84,6 +84,11 @@ PARAMETERS: tuple[Spec, ...] = (
          "0 = no threshold [m]", range=(0.0, 1000.0)),
     Spec("pnp.max_iterations", 10000, "RANSAC iteration cap (bounds the time of a refusal) [count]",
          range=(100, 1_000_000)),
+    Spec("pnp.refine_pixels", True, "move each correspondence's pixel within its patch to where its landmark's "
+         "fine key matches best, for maps that carry fine keys (mapped with mapping.sweep_scale >= 2); costs "
+         "encoding the image again at the map's fine scale"),
+    Spec("pnp.refine_window_px", 6, "how far the refinement searches around the patch centre, in pixels of "
+         "the model's working resolution (240 px high) [px]", range=(1, 32)),
     # Outputs.
     Spec("path.max_poses", 1000, "length of the trajectory (nav_msgs/Path) on 'path'; 0 = no path [poses]",
          range=(0, 100_000)),
@@ -125,7 +130,8 @@ _TOPIC_RE = re.compile(r"^/?[A-Za-z_~{][A-Za-z0-9_/{}~]*$")
 _FRAME_PARAMS = ("map_frame", "odom_frame", "base_frame", "camera_frame")
 _PNP_FIELDS = {"pnp.threshold_px": "threshold_px", "pnp.reference_height_px": "reference_height_px",
                "pnp.min_inliers": "min_inliers", "pnp.top_k": "top_k",
-               "pnp.max_uncertainty": "max_uncertainty", "pnp.max_iterations": "max_iterations"}
+               "pnp.max_uncertainty": "max_uncertainty", "pnp.max_iterations": "max_iterations",
+               "pnp.refine_pixels": "refine_pixels", "pnp.refine_window_px": "refine_window_px"}
 
 
 def descriptor(spec: Spec) -> ParameterDescriptor:
@@ -205,4 +211,6 @@ def pnp_config(values: dict[str, Any]) -> PnPConfig:
         max_uncertainty=float(v["pnp.max_uncertainty"]) or None,
         max_iterations=int(v["pnp.max_iterations"]),
         min_iterations=min(PnPConfig.min_iterations, int(v["pnp.max_iterations"])),
+        refine_pixels=bool(v["pnp.refine_pixels"]),
+        refine_window_px=int(v["pnp.refine_window_px"]),
     )

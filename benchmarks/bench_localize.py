@@ -34,8 +34,8 @@ from aceg_model.model import AcegModel
 
 NAME = "bench_localize"
 # Localizer timing keys -> the stage names reported here.
-STAGES = {"encoder": "encoder", "regressor": "regressor", "pnp_prefilter": "prefilter",
-          "pnp_ransac": "ransac", "pnp_covariance": "covariance", "total": "total"}
+STAGES = {"encoder": "encoder", "regressor": "regressor", "refine_pixels": "refine_pixels",
+          "pnp_prefilter": "prefilter", "pnp_ransac": "ransac", "pnp_covariance": "covariance", "total": "total"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -9,7 +9,7 @@ from aceg_model import Frame, Intrinsics
 from aceg_model.encoder import Encoder, patch_centres
 from aceg_model.geometry import invert, make_pose
 from aceg_model.losses import ReprojectionLossConfig, reprojection_nll
-from aceg_model.mapping import MappingConfig, SceneMap, cache_features, map_scene
+from aceg_model.mapping import FineKeys, MappingConfig, SceneMap, cache_features, map_scene, refined_pixels
 from aceg_model.model import AcegModel, ModelConfig, prepare_image, working_size
 from aceg_model.heads import CodesHead
 from aceg_model.regressor import RegressorConfig, TokenBlock, top_k_indices
@@ -84,7 +84,9 @@ def test_cached_candidates_give_the_searched_attention_and_its_gradients() -> No
 
 def test_mapping_with_refreshed_candidates_matches_searching_every_iteration(model: AcegModel) -> None:
     frames = synthetic_frames(3)
-    maps = [map_scene(model, frames, MappingConfig(iterations=6, batch_patches=256, candidate_refresh=r))[0]
+    # Pixel refinement runs at the refreshes only (none with 0), so it is off for the comparison.
+    maps = [map_scene(model, frames, MappingConfig(iterations=6, batch_patches=256, candidate_refresh=r,
+                                                   refine_pixels=False))[0]
             for r in (0, 1)]
     a, b = (m.head.scene_tensors() for m in maps)
     assert torch.allclose(a["positions"], b["positions"], atol=1e-6)
@@ -223,6 +225,9 @@ def test_map_file_round_trips_and_refuses_another_model(model: AcegModel, tmp_pa
     # map predicts exactly what the mapped one did.
     assert torch.equal(a, b)
     assert np.array_equal(loaded.centre_3, scene_map.centre_3)
+    # The landmarks' fine keys (the sweep ran at 3x) come back with their scale.
+    assert scene_map.fine is not None and loaded.fine.scale == scene_map.fine.scale == 3
+    assert torch.equal(loaded.fine.keys_MK, scene_map.fine.keys_MK)
     other = AcegModel(model.config)
     with pytest.raises(ValueError, match="model_hash"):
         SceneMap.load(path, other)
@@ -302,3 +307,24 @@ def test_plane_sweep_recovers_the_depth_of_a_slanted_plane(scale: int) -> None:
     true_depth = plane_hit(centres[0], torch.nn.functional.pad(seeds, (0, 1), value=1.0) @ torch.linalg.inv(K1).T)[:, 2]
     assert torch.isfinite(depth).all() and (sharpness > 0).all()
     assert ((depth - true_depth).abs() / true_depth).median() < 0.02
+
+
+def test_mapping_pixels_refine_onto_the_landmark_they_match(model: AcegModel) -> None:
+    """Fine keys taken at each mapping patch's own pixel bring that patch back to its centre; the key
+    of the patch to its right moves it right by a patch (8 px); the window bounds the move."""
+    frames = synthetic_frames(3)
+    cache = cache_features(model, frames, np.zeros(3), sweep_scale=3)
+    views = cache.sweep_views
+    keys = torch.nn.functional.normalize(views.sample(cache.image_idx_N, views.to_sweep_pixels(cache.pixels_N2)), dim=-1)
+    fine = FineKeys(keys.half(), 3)
+    own = torch.arange(len(keys))
+    back = refined_pixels(cache, fine, own, window_px=6)
+    assert (back - cache.pixels_N2).norm(dim=1).median().item() < 0.25
+    h, w = cache.grid_hw
+    col = own % w
+    inner = col < w - 1  # patches with a right-hand neighbour
+    right = torch.where(inner, own + 1, own)
+    moved = refined_pixels(cache, fine, right, window_px=10) - cache.pixels_N2
+    assert (moved[inner] - torch.tensor([8.0, 0.0])).norm(dim=1).median().item() < 0.5
+    bounded = refined_pixels(cache, fine, right, window_px=4) - cache.pixels_N2
+    assert bounded.abs().max().item() <= 4.0 + 1e-4

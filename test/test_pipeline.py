@@ -68,6 +68,28 @@ def test_guided_refinement_keeps_the_poses_and_uses_more_of_the_image(mapped) ->
     assert len(good) > 0 and np.sum(good) >= 0.5 * len(scene.queries["lighting"])
 
 
+def test_sub_patch_refinement_moves_pixels_to_where_their_landmarks_are_seen(mapped) -> None:
+    """The map carries fine landmark keys; refined pixels lie nearer than the patch centres to where
+    the regressed landmarks project under the true pose (among the correspondences within a patch
+    of it), and the localizer reports the stage's time."""
+    model, scene_map, _, scene = mapped
+    assert scene_map.fine is not None and scene_map.fine.scale == MappingConfig().sweep.scale
+    centres, refined = Localizer(model, scene_map, PnPConfig(refine_pixels=False)), Localizer(model, scene_map)
+    assert refined.refines_pixels and not centres.refines_pixels
+    err_centre, err_refined = [], []
+    for frame in scene.queries["lighting"]:
+        coords, _, pix_c, _, _ = centres.regress(frame.image, frame.intrinsics)
+        coords_r, _, pix_r, _, timings = refined.regress(frame.image, frame.intrinsics)
+        assert np.allclose(coords, coords_r, atol=1e-5) and "refine_pixels" in timings
+        uv, z = project(coords, frame)
+        near = (z > 0) & (np.linalg.norm(uv - pix_c, axis=1) < 16.0)  # one patch at this size is 8-10 px
+        err_centre.append(np.linalg.norm(uv - pix_c, axis=1)[near])
+        err_refined.append(np.linalg.norm(uv - pix_r, axis=1)[near])
+    med_c, med_r = np.median(np.concatenate(err_centre)), np.median(np.concatenate(err_refined))
+    print(f"median distance to the projected landmark: centres {med_c:.2f} px, refined {med_r:.2f} px")
+    assert med_r < 0.8 * med_c, (med_r, med_c)
+
+
 def test_uncertainty_ranks_correspondences(mapped) -> None:
     """The most certain quarter of the regressed points holds more inliers (under the true pose) than all."""
     model, scene_map, _, scene = mapped

@@ -1,0 +1,110 @@
+"""Sub-patch refinement of the query pixels: where in the query image does the matched landmark lie?
+
+The regressor answers per 8-pixel patch: the patch centre is the 2D point of
+its correspondence, but the landmark it matched is the surface point at the
+centre of some mapping patch, which falls anywhere within a patch or so of the
+query patch's centre. That offset is up to half a patch (~3 cm at 2 m for the
+working 240 px height), and PnP sees it as noise on every correspondence.
+
+Mapping keeps, per landmark, a *fine key*: the descriptor at its pixel in the
+mapping image encoded at ``scale`` x the working resolution (the plane sweep's
+own descriptor, ``aceg_model.landmarks``). At localization the query is
+encoded at the same scale, and for each patch the fine key of its best
+landmark is compared by cosine with the query's bilinearly interpolated fine
+descriptors at every whole-pixel offset within ``window_px`` of the patch
+centre; the best offset, refined by a parabola along x and y, is the
+correspondence's pixel. Measured on four generated rooms (320 relit queries),
+5cm/5deg / 10cm/10deg: 71.9 / 87.5 % at the patch centres, 77.8 / 91.6 % refined
+(median 3.1 -> 1.8 cm); an oracle that moves each pixel onto the true image of
+the landmark's nearest surface point gives 85 / 96 %.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from aceg_model.frames import Intrinsics
+from aceg_model.encoder import STRIDE
+from aceg_model.landmarks import bilinear_corners, bilinear_cosine, neighbour_dots
+from aceg_model.model import AcegModel, prepare_image
+
+
+def encode_fine(model: AcegModel, image: np.ndarray, intrinsics: Intrinsics, scale: int
+                ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The query's unit regressor queries ``P x K`` on its patch grid at ``scale`` x the working
+    height (what the map's fine keys are compared with), and that grid's ``(h, w)``."""
+    image_1HW, _ = prepare_image(image, intrinsics, model.config.image_height * scale)
+    feats_1Dhw = model.encoder(image_1HW.unsqueeze(0).to(model.device))
+    hw = tuple(feats_1Dhw.shape[2:])
+    return model.regressor.queries(feats_1Dhw[0].flatten(1).T.unsqueeze(0))[1][0], hw
+
+
+def _parabola_vertex(centre: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """Offset (in steps, within +-0.5) of the vertex of the parabola through three equally spaced
+    scores; 0 where they do not form a maximum."""
+    curvature = lower - 2 * centre + upper
+    offset = 0.5 * (lower - upper) / curvature.clamp(max=-1e-6)
+    return torch.where(curvature < -1e-6, offset, torch.zeros_like(centre)).clamp(-0.5, 0.5)
+
+
+def refine_pixels(fine_keys_PK: torch.Tensor, desc_QK: torch.Tensor, hw: tuple[int, int], scale: int,
+                  centres_P2: torch.Tensor, window_px: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each landmark's fine key matches best near its patch centre.
+
+    ``fine_keys_PK``: the unit fine key of each patch's matched landmark; ``desc_QK``: the query's
+    fine descriptors on the ``hw`` grid at ``scale`` (``encode_fine``); ``centres_P2``: the patch
+    centres in working-resolution pixels. Returns the refined pixels (working resolution) and the
+    best cosine per patch. A best offset on the window's border is kept as found: the parabola
+    needs a neighbour on both sides, so it is a whole-pixel estimate there.
+    """
+    if window_px < 1:
+        raise ValueError(f"window_px must be >= 1, got {window_px}")
+    if fine_keys_PK.shape[0] != centres_P2.shape[0]:
+        raise ValueError(f"{fine_keys_PK.shape[0]} fine keys but {centres_P2.shape[0]} patch centres")
+    device, (h, w) = desc_QK.device, hw
+    steps = torch.arange(-window_px, window_px + 1, device=device, dtype=torch.float32)
+    n = len(steps)
+    dy, dx = torch.meshgrid(steps, steps, indexing="ij")
+    offsets_O2 = torch.stack([dx.reshape(-1), dy.reshape(-1)], dim=-1)
+    # Working-resolution pixels -> the fine grid's pixels (pixel-centre convention: the same rays)
+    # -> fine patch-grid coordinates.
+    fine_pixels_PO2 = (centres_P2.float().unsqueeze(1) + offsets_O2 + 0.5) * scale - 0.5
+    grid_PO2 = (fine_pixels_PO2 - (STRIDE - 1) / 2.0) / STRIDE
+    inside_PO = ((grid_PO2[..., 0] >= 0) & (grid_PO2[..., 0] <= w - 1)
+                 & (grid_PO2[..., 1] >= 0) & (grid_PO2[..., 1] <= h - 1))
+    # Each window lies within a block of B x B grid cells: gather those descriptors only (the
+    # whole fine grid against every key cost ~10x more), clamped into the grid at its borders.
+    B = math.ceil(2 * window_px * scale / STRIDE) + 2
+    if h < B or w < B:
+        raise ValueError(f"the fine grid {h}x{w} is smaller than the refinement's {B}x{B} block")
+    corner_P2 = grid_PO2[:, 0].floor().long()  # offset 0 is the window's top-left
+    origin_x = corner_P2[:, 0].clamp(0, w - B)
+    origin_y = corner_P2[:, 1].clamp(0, h - B)
+    cells = torch.arange(B, device=device)
+    block_PBB = (origin_y.view(-1, 1, 1) + cells.view(1, -1, 1)) * w + origin_x.view(-1, 1, 1) + cells.view(1, 1, -1)
+    block_PC = block_PBB.flatten(1)
+    desc_QK = desc_QK.float()
+    block_PCK = desc_QK.index_select(0, block_PC.reshape(-1)).view(*block_PC.shape, -1)
+    scores_PC = torch.bmm(block_PCK, fine_keys_PK.float().unsqueeze(-1))[..., 0]
+    dots_5Q = neighbour_dots(desc_QK.view(1, h, w, -1))[0].flatten(1)
+    dots_P5C = dots_5Q[:, block_PC].transpose(0, 1)
+    local_PO2 = grid_PO2 - torch.stack([origin_x, origin_y], dim=-1).unsqueeze(1).float()
+    corners, weights, _ = bilinear_corners(local_PO2 * STRIDE + (STRIDE - 1) / 2.0, (B, B))
+    cos_PO = bilinear_cosine(corners, weights, lambda c: scores_PC.gather(1, c),
+                             lambda j, c: dots_P5C[:, j].gather(1, c))
+    cos_PO = torch.where(inside_PO, cos_PO, torch.full_like(cos_PO, -2.0))
+    best_cos, arg = cos_PO.max(dim=1)
+    iy, ix = arg // n, arg % n
+    grid_Pnn = cos_PO.view(-1, n, n)
+    rows = torch.arange(len(arg), device=device)
+
+    def score(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return grid_Pnn[rows, y.clamp(0, n - 1), x.clamp(0, n - 1)]
+
+    interior_x, interior_y = (ix > 0) & (ix < n - 1), (iy > 0) & (iy < n - 1)
+    sub_x = torch.where(interior_x, _parabola_vertex(best_cos, score(iy, ix - 1), score(iy, ix + 1)), 0.0)
+    sub_y = torch.where(interior_y, _parabola_vertex(best_cos, score(iy - 1, ix), score(iy + 1, ix)), 0.0)
+    refined_P2 = centres_P2.float() + torch.stack([steps[ix] + sub_x, steps[iy] + sub_y], dim=-1)
+    return refined_P2, best_cos

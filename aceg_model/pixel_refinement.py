@@ -13,10 +13,13 @@ encoded at the same scale, and for each patch the fine key of its best
 landmark is compared by cosine with the query's bilinearly interpolated fine
 descriptors at every whole-pixel offset within ``window_px`` of the patch
 centre; the best offset, refined by a parabola along x and y, is the
-correspondence's pixel. Measured on four generated rooms (320 relit queries),
-5cm/5deg / 10cm/10deg: 71.9 / 87.5 % at the patch centres, 77.8 / 91.6 % refined
-(median 3.1 -> 1.8 cm); an oracle that moves each pixel onto the true image of
-the landmark's nearest surface point gives 85 / 96 %.
+correspondence's pixel. Measured on four generated rooms (320 relit queries,
+the same maps), 5cm/5deg / 10cm/10deg: 69.4 / 86.9 % at the patch centres,
+78.1 / 90.9 % refined (median 3.1 -> 1.9 cm); an oracle that moves each pixel
+onto the rendered image of the surface point nearest its landmark gives 85 / 96 %.
+
+Mapping uses the same search on its own images (``mapping.refined_pixels``),
+so the reprojection loss compares each landmark with where it is seen.
 """
 from __future__ import annotations
 

@@ -82,7 +82,7 @@ class PnPConfig:
     # encoded at the map's fine scale and each patch's pixel moves to where its best landmark's
     # fine key matches best, within refine_window_px working-resolution pixels (the model's
     # 240 px height) of the patch centre. Four generated rooms, 320 relit queries, 5cm/5deg /
-    # 10cm/10deg: 71.9 / 87.5 % without, 77.8 / 91.6 % with (models/README.md).
+    # 10cm/10deg: 69.4 / 86.9 % without, 78.1 / 90.9 % with, same maps (models/README.md).
     refine_pixels: bool = True
     refine_window_px: int = 6
     seed: int = 0

@@ -47,7 +47,8 @@ class RegressorConfig:
     feat_dim: int = 128  # encoder output
     dim: int = 128  # token width
     key_dim: int = 64  # landmark key width K
-    n_codes: int = 24576  # landmarks M per scene; map file: fp16 keys + fp32 positions = 3.4 MB
+    # Landmarks M per scene; map file: fp16 keys + fp32 positions = 3.4 MB, plus 3.1 MB of fp16 fine keys.
+    n_codes: int = 24576
     n_layers: int = 2  # residual token MLP blocks before the cross-attention
     # tau on cosine similarities at init (learned). Sharp: a patch should take its best
     # landmarks' positions, not a blend of look-alikes across the room (tau 30 blurred the

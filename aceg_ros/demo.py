@@ -37,6 +37,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -191,7 +192,11 @@ def map_scene_over_dds(session, timeout_s: float) -> str:
     node = session.player.node
     bar = tqdm(desc="mapping (node)", unit="it", file=sys.stderr)
 
+    done = threading.Event()
+
     def on_progress(msg: String) -> None:
+        if done.is_set():
+            return
         p = json.loads(msg.data)
         if p["stage"] != "optimize":
             bar.set_description(f"mapping (node): {p['stage']} {p['done']}/{p['total']}")
@@ -203,7 +208,7 @@ def map_scene_over_dds(session, timeout_s: float) -> str:
             bar.set_postfix(loss=f"{p['loss']:.3f}", px=f"{p.get('median_px', float('nan')):.1f}")
         bar.refresh()
 
-    sub = node.create_subscription(String, f"{session.namespace}/mapping_progress", on_progress, 50)
+    node.create_subscription(String, f"{session.namespace}/mapping_progress", on_progress, 50)
     client = node.create_client(Trigger, f"{session.namespace}/map_scene")
     try:
         if not client.wait_for_service(timeout_sec=10.0):
@@ -215,9 +220,12 @@ def map_scene_over_dds(session, timeout_s: float) -> str:
                 raise RuntimeError(f"map_scene did not answer within {timeout_s:.0f} s")
             time.sleep(0.1)
     finally:
+        # The subscription and client stay until the session ends: destroying them while the
+        # executor spins races with its wait set (ros2/rclpy#1284; a message in flight left an
+        # InvalidHandle in a task that was printed at exit). The session destroys them after
+        # its executor has stopped.
+        done.set()
         bar.close()
-        node.destroy_subscription(sub)
-        node.destroy_client(client)
     answer = future.result()
     if not answer.success:
         raise RuntimeError(f"map_scene failed: {answer.message}")

@@ -171,11 +171,7 @@ class SceneMap:
         tensors, meta = load_tensors(path, kind=MAP_KIND, expected_shapes=shapes,
                                      expected_meta={"model_hash": model.model_hash()})
         head.load_scene_tensors({k[5:]: v.to(model.device) for k, v in tensors.items() if k.startswith("head.")})
-        fine = None
-        if fine_scale is not None:
-            if not tensors["fine_keys"].isfinite().all():
-                raise ValueError(f"{path}: fine_keys hold non-finite values")
-            fine = FineKeys(tensors["fine_keys"].to(model.device), fine_scale)
+        fine = None if fine_scale is None else FineKeys(tensors["fine_keys"].to(model.device), fine_scale)
         return cls(head.eval(), tensors["centre"].numpy().astype(np.float64), meta, fine)
 
 

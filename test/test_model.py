@@ -233,6 +233,27 @@ def test_map_file_round_trips_and_refuses_another_model(model: AcegModel, tmp_pa
         SceneMap.load(path, other)
 
 
+def test_map_file_with_bad_fine_keys_is_refused(model: AcegModel, tmp_path) -> None:
+    """A map whose header announces fine keys it lacks, or a fine scale that is not one, is refused
+    by name; the same map without the announcement loads (maps made before fine keys)."""
+    from aceg_model.safe_files import load_tensors, save_tensors
+
+    scene_map, _ = map_scene(model, synthetic_frames(3), MappingConfig(iterations=2, batch_patches=256))
+    good = tmp_path / "good.map"
+    scene_map.save(good)
+    tensors, meta = load_tensors(good, kind="aceg-map")
+    without = {k: v for k, v in tensors.items() if k != "fine_keys"}
+    save_tensors(tmp_path / "missing.map", without, meta, kind="aceg-map")
+    with pytest.raises(ValueError, match="missing \\['fine_keys'\\]"):
+        SceneMap.load(tmp_path / "missing.map", model)
+    save_tensors(tmp_path / "scale.map", tensors, {**meta, "fine_scale": "3"}, kind="aceg-map")
+    with pytest.raises(ValueError, match="invalid fine_scale '3'"):
+        SceneMap.load(tmp_path / "scale.map", model)
+    old_style = {k: v for k, v in meta.items() if k != "fine_scale"}
+    save_tensors(tmp_path / "old.map", without, old_style, kind="aceg-map")
+    assert SceneMap.load(tmp_path / "old.map", model).fine is None
+
+
 def test_model_file_round_trips(model: AcegModel, tmp_path) -> None:
     path = tmp_path / "model.safetensors"
     model.save(path)

@@ -9,7 +9,7 @@ The network and the scene head stay on one device for the whole run.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -56,6 +56,13 @@ class Localizer:
         """Whether localization refines the correspondences' pixels (setting on, map with fine keys)."""
         return self.pnp.refine_pixels and self.scene_map.fine is not None
 
+    def pnp_config(self) -> PnPConfig:
+        """The PnP settings for this localizer's correspondences: with refined pixels the inlier
+        threshold is ``refined_threshold_px`` instead of ``threshold_px``."""
+        if self.refines_pixels:
+            return replace(self.pnp, threshold_px=self.pnp.refined_threshold_px)
+        return self.pnp
+
     @torch.inference_mode()
     def _regress(self, image: np.ndarray, intrinsics: Intrinsics, with_candidates: bool):
         """``regress`` plus each patch's candidate landmark positions (N x k x 3, map frame; None
@@ -97,9 +104,10 @@ class Localizer:
     def localize(self, image: np.ndarray, intrinsics: Intrinsics) -> LocalizationResult:
         coords, log_sigma, pixels, _, timings, candidates = self._regress(
             image, intrinsics, with_candidates=self.pnp.guided_refinement)
-        res = solve_pnp(coords, pixels, intrinsics, self.pnp, uncertainty_N=np.exp(log_sigma))
+        pnp = self.pnp_config()
+        res = solve_pnp(coords, pixels, intrinsics, pnp, uncertainty_N=np.exp(log_sigma))
         if candidates is not None:
-            res = refine_with_candidates(res, candidates, pixels, intrinsics, self.pnp)
+            res = refine_with_candidates(res, candidates, pixels, intrinsics, pnp)
         timings.update({f"pnp_{k}" if not k.startswith("pnp") else k: v for k, v in res.timings_ms.items()})
         timings["total"] = sum(v for k, v in timings.items())
         return LocalizationResult(res.success, res.reason, res.T_world_cam if res.success else None,

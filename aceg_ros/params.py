@@ -74,7 +74,10 @@ PARAMETERS: tuple[Spec, ...] = (
          "may wait for the transform [s]", range=(0.0, 2.0)),
     # PnP (aceg_model.pnp.PnPConfig).
     Spec("pnp.threshold_px", 10.0, "RANSAC inlier threshold on the reprojection error, for a 480 px high "
-         "image; scaled with the image height (see pnp.reference_height_px) [px]", range=(0.1, 200.0)),
+         "image; scaled with the image height (see pnp.reference_height_px); for correspondences at patch "
+         "centres (pnp.refine_pixels off, maps without fine keys) [px]", range=(0.1, 200.0)),
+    Spec("pnp.refined_threshold_px", 6.0, "the same threshold for correspondences whose pixels were refined "
+         "within their patches (pnp.refine_pixels, maps with fine keys) [px]", range=(0.1, 200.0)),
     Spec("pnp.reference_height_px", 480.0, "image height that pnp.threshold_px is given for; 0 = use "
          "pnp.threshold_px as is at any image size [px]", range=(0.0, 100_000.0)),
     Spec("pnp.min_inliers", 50, "refuse a pose with fewer inliers [count]", range=(4, 1_000_000)),
@@ -128,7 +131,8 @@ SPECS: dict[str, Spec] = {s.name: s for s in PARAMETERS}
 _FRAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
 _TOPIC_RE = re.compile(r"^/?[A-Za-z_~{][A-Za-z0-9_/{}~]*$")
 _FRAME_PARAMS = ("map_frame", "odom_frame", "base_frame", "camera_frame")
-_PNP_FIELDS = {"pnp.threshold_px": "threshold_px", "pnp.reference_height_px": "reference_height_px",
+_PNP_FIELDS = {"pnp.threshold_px": "threshold_px", "pnp.refined_threshold_px": "refined_threshold_px",
+               "pnp.reference_height_px": "reference_height_px",
                "pnp.min_inliers": "min_inliers", "pnp.top_k": "top_k",
                "pnp.max_uncertainty": "max_uncertainty", "pnp.max_iterations": "max_iterations",
                "pnp.refine_pixels": "refine_pixels", "pnp.refine_window_px": "refine_window_px"}
@@ -205,6 +209,7 @@ def pnp_config(values: dict[str, Any]) -> PnPConfig:
     v = {k: values.get(k, SPECS[k].default) for k in _PNP_FIELDS}
     return PnPConfig(
         threshold_px=float(v["pnp.threshold_px"]),
+        refined_threshold_px=float(v["pnp.refined_threshold_px"]),
         reference_height_px=float(v["pnp.reference_height_px"]) or None,
         min_inliers=int(v["pnp.min_inliers"]),
         top_k=int(v["pnp.top_k"]) or None,

@@ -582,7 +582,8 @@ def test_bad_parameters_are_refused(harness, scene) -> None:
                              ("tf_mode", "map_to_moon", "one of"), ("pnp.min_inliers", 2, "range"),
                              ("map_frame", "/map", "frame id"), ("camera_frame", "map", "differ"),
                              ("pnp.threshold_px", "ten", "type"), ("autostart", False, "read-only"),
-                             ("pnp.refine_window_px", 0, "range"), ("pnp.refine_pixels", "yes", "type")):
+                             ("pnp.refine_window_px", 0, "range"), ("pnp.refine_pixels", "yes", "type"),
+                             ("pnp.refined_threshold_px", 0.0, "range")):
         result = h.node.set_parameters([Parameter(name, value=value)])[0]
         assert not result.successful, (name, value)
         assert why in result.reason.lower() or why in result.reason, (name, result.reason)

@@ -7,6 +7,7 @@ uncertainty says. The scene seed is outside every pre-training seed range.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from aceg_model.geometry import pose_error
 from aceg_model.localizer import Localizer
 from aceg_model.mapping import MappingConfig, map_scene
 from aceg_model.model import AcegModel
-from aceg_model.pnp import PnPConfig, prefilter
+from aceg_model.pnp import PnPConfig, prefilter, solve_pnp
 from aceg_model.scene import QuerySpec, SceneConfig, generate_scene
 from aceg_model.scene.correspondences import project
 
@@ -85,6 +86,13 @@ def test_sub_patch_refinement_moves_pixels_to_where_their_landmarks_are_seen(map
         near = (z > 0) & (np.linalg.norm(uv - pix_c, axis=1) < 16.0)  # one patch at this size is 8-10 px
         err_centre.append(np.linalg.norm(uv - pix_c, axis=1)[near])
         err_refined.append(np.linalg.norm(uv - pix_r, axis=1)[near])
+    # Refined pixels are solved with the tighter refined_threshold_px, patch centres with threshold_px.
+    frame = scene.queries["lighting"][0]
+    for loc, threshold in ((refined, PnPConfig().refined_threshold_px), (centres, PnPConfig().threshold_px)):
+        coords, log_sigma, pixels, _, _ = loc.regress(frame.image, frame.intrinsics)
+        expected = solve_pnp(coords, pixels, frame.intrinsics, replace(loc.pnp, threshold_px=threshold),
+                             uncertainty_N=np.exp(log_sigma))
+        assert loc.localize(frame.image, frame.intrinsics).n_inliers == expected.n_inliers > 0
     med_c, med_r = np.median(np.concatenate(err_centre)), np.median(np.concatenate(err_refined))
     print(f"median distance to the projected landmark: centres {med_c:.2f} px, refined {med_r:.2f} px")
     assert med_r < 0.8 * med_c, (med_r, med_c)

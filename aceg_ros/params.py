@@ -76,7 +76,7 @@ PARAMETERS: tuple[Spec, ...] = (
     Spec("pnp.threshold_px", 10.0, "RANSAC inlier threshold on the reprojection error, for a 480 px high "
          "image; scaled with the image height (see pnp.reference_height_px); for correspondences at patch "
          "centres (pnp.refine_pixels off, maps without fine keys) [px]", range=(0.1, 200.0)),
-    Spec("pnp.refined_threshold_px", 6.0, "the same threshold for correspondences whose pixels were refined "
+    Spec("pnp.refined_threshold_px", 8.0, "the same threshold for correspondences whose pixels were refined "
          "within their patches (pnp.refine_pixels, maps with fine keys) [px]", range=(0.1, 200.0)),
     Spec("pnp.reference_height_px", 480.0, "image height that pnp.threshold_px is given for; 0 = use "
          "pnp.threshold_px as is at any image size [px]", range=(0.0, 100_000.0)),

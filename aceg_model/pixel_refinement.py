@@ -17,6 +17,8 @@ correspondence's pixel. Measured on four generated rooms (320 relit queries,
 the same maps), 5cm/5deg / 10cm/10deg: 69.4 / 86.9 % at the patch centres,
 78.1 / 90.9 % refined (median 3.1 -> 1.9 cm); an oracle that moves each pixel
 onto the rendered image of the surface point nearest its landmark gives 85 / 96 %.
+On real images (KITTI odometry 06, odd frames against a map of the even ones,
+not held out) the median error fell from 117 to 16 cm.
 
 Mapping uses the same search on its own images (``mapping.refined_pixels``),
 so the reprojection loss compares each landmark with where it is seen.
@@ -28,8 +30,8 @@ import math
 import numpy as np
 import torch
 
-from aceg_model.frames import Intrinsics
 from aceg_model.encoder import STRIDE
+from aceg_model.frames import Intrinsics
 from aceg_model.landmarks import bilinear_corners, bilinear_cosine, neighbour_dots
 from aceg_model.model import AcegModel, prepare_image
 

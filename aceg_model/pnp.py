@@ -85,6 +85,8 @@ class PnPConfig:
     # (min_inliers) is decided before, on the first correspondences only, so a wrong pose
     # cannot gather its evidence this way. Off: on four generated rooms (320 relit queries)
     # it moved 5cm/5deg by -4 to +2 points per room, no shared direction (models/README.md).
+    # Measured before the pixel refinement; with it, every candidate is paired with the patch's
+    # refined pixel, which was refined for the best candidate only.
     guided_refinement: bool = False
     # Sub-patch refinement of each correspondence's pixel before RANSAC
     # (``aceg_model.pixel_refinement``): where maps carry fine landmark keys, the query is also

@@ -68,17 +68,7 @@ class CodesHead(nn.Module):
         if not self.regressor.uses_top_k(len(self.keys)):
             raise ValueError("candidates need top-k attention (attention_top_k < number of codes)")
         # The cached index follows the codes' versions, so mapping's refreshes see the live codes.
-        index = self.landmark_index()
-        candidates_bk = self.regressor.candidates(feats_bF.unsqueeze(0), index)[0]
-        if best_first:
-            with torch.no_grad():
-                q_bK = self.regressor.queries(feats_bF.unsqueeze(0))[1][0]
-                cos_bk = (q_bK.unsqueeze(1) * index.unit_keys_SMK[0, candidates_bk].to(q_bK.dtype)).sum(-1)
-                best_b1 = cos_bk.argmax(dim=1, keepdim=True)
-                first = candidates_bk.gather(1, best_b1)
-                candidates_bk = candidates_bk.scatter(1, best_b1, candidates_bk[:, :1])
-                candidates_bk[:, :1] = first
-        return candidates_bk
+        return self.regressor.candidates(feats_bF.unsqueeze(0), self.landmark_index(), best_first)[0]
 
     def forward(self, feats_bF: torch.Tensor, candidates_bk: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,8 +79,8 @@ class SweepViews:
     scale: int
 
     def to_sweep_pixels(self, pixels_C2: torch.Tensor) -> torch.Tensor:
-        """Working-resolution pixels -> this resolution (pixel-centre convention: the same rays)."""
-        return (pixels_C2 + 0.5) * self.scale - 0.5
+        """Working-resolution pixels -> this resolution (the same rays)."""
+        return scaled_pixels(pixels_C2, self.scale)
 
     def sample(self, images_C: torch.Tensor, pixels_C2: torch.Tensor) -> torch.Tensor:
         """Bilinearly interpolated descriptors ``C x D`` at pixels of this resolution."""
@@ -103,14 +103,27 @@ def neighbour_views(T_cam_map_I44: torch.Tensor, config: SweepConfig) -> torch.T
     return torch.where(torch.gather(score, 1, order).isfinite(), order, torch.full_like(order, -1))
 
 
+def scaled_pixels(pixels_b2: torch.Tensor, scale: float) -> torch.Tensor:
+    """Pixels of an image -> pixels of the same image resized by ``scale`` (pixel-centre
+    convention: the same rays)."""
+    return (pixels_b2 + 0.5) * scale - 0.5
+
+
+def patch_grid_coords(pixels_b2: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels -> coordinates on an ``h x w`` patch grid (patch centres at integers), and whether
+    each lies inside the grid."""
+    h, w = hw
+    g = (pixels_b2 - (STRIDE - 1) / 2.0) / STRIDE
+    return g, (g[..., 0] >= 0) & (g[..., 0] <= w - 1) & (g[..., 1] >= 0) & (g[..., 1] <= h - 1)
+
+
 def bilinear_corners(pixels_b2: torch.Tensor, hw: tuple[int, int]
               ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor]:
     """Bilinear sampling of the patch grid at pixels (clamped to the grid): the flat indices of the
     four corners of each pixel's cell (top-left, top-right, bottom-left, bottom-right), their
     weights in the same order, and whether the pixel is inside the grid."""
     h, w = hw
-    g = (pixels_b2 - (STRIDE - 1) / 2.0) / STRIDE  # patch-grid coordinates
-    inside = (g[..., 0] >= 0) & (g[..., 0] <= w - 1) & (g[..., 1] >= 0) & (g[..., 1] <= h - 1)
+    g, inside = patch_grid_coords(pixels_b2, hw)
     gx, gy = g[..., 0].clamp(0, w - 1), g[..., 1].clamp(0, h - 1)
     x0, y0 = gx.floor().long().clamp(max=w - 2), gy.floor().long().clamp(max=h - 2)
     fx, fy = gx - x0, gy - y0

@@ -28,7 +28,7 @@ from aceg_model.heads import CodesHead, MlpHead
 from aceg_model.landmarks import SweepConfig, SweepViews, sweep_depths
 from aceg_model.losses import ReprojectionLossConfig, pixel_rays, reprojection_nll
 from aceg_model.model import AcegModel, prepare_image
-from aceg_model.pixel_refinement import refine_pixels
+from aceg_model.pixel_refinement import encode_fine, refine_pixels
 
 MAP_KIND = "aceg-map"
 MIN_MAPPING_FRAMES = 3
@@ -206,14 +206,6 @@ class FeatureCache:
     sweep_views: SweepViews | None = None  # what the plane sweep compares (ACE-G seeding only)
 
 
-def _encode_at_scale(model: AcegModel, frame: Frame, scale: int) -> tuple[torch.Tensor, np.ndarray, tuple[int, int]]:
-    """Features ``P x D`` of one image encoded at ``scale`` x the working height, with the
-    intrinsics and patch grid of that size (for the plane sweep)."""
-    image_1HW, K = prepare_image(frame.image, frame.intrinsics, model.config.image_height * scale)
-    feats_1Dhw = model.encoder(image_1HW.unsqueeze(0).to(model.device))
-    return feats_1Dhw[0].flatten(1).T, K.K, tuple(feats_1Dhw.shape[2:])
-
-
 @torch.inference_mode()
 def cache_features(model: AcegModel, frames: Sequence[Frame], centre_3: np.ndarray, batch: int = 8,
                    progress: Progress | None = None, sweep_scale: int | None = None) -> FeatureCache:
@@ -238,12 +230,16 @@ def cache_features(model: AcegModel, frames: Sequence[Frame], centre_3: np.ndarr
             idx.append(torch.full((h * w,), start + i, dtype=torch.long, device=device))
             poses.append(invert(frame.T_world_cam) @ T_world_map)  # T_cam_map
             Ks.append(K.K)
-            if sweep_scale:  # at scale 1, the working-resolution features themselves
-                sweep_feats_PD, K_sweep, sweep_hw = ((feats[-1], K.K, (h, w)) if sweep_scale == 1
-                                                     else _encode_at_scale(model, frame, sweep_scale))
-                # The sweep compares the regressor's keys, where landmarks will be matched (64 dims, not 128).
-                sweep_keys.append(model.regressor.queries(sweep_feats_PD.float().unsqueeze(0))[1][0].half())
-                sweep_Ks.append(K_sweep)
+            # The sweep compares the regressor's keys, where landmarks will be matched (64 dims, not 128):
+            # at scale 1 those of the working-resolution features themselves.
+            if sweep_scale == 1:
+                sweep_keys.append(model.regressor.queries(feats[-1].float().unsqueeze(0))[1][0].half())
+                sweep_Ks.append(K.K)
+                sweep_hw = (h, w)
+            elif sweep_scale:
+                keys_PK, sweep_hw, K_sweep = encode_fine(model, frame.image, frame.intrinsics, sweep_scale)
+                sweep_keys.append(keys_PK.half())
+                sweep_Ks.append(K_sweep.K)
         if progress:
             progress("encode", start + len(chunk), len(frames), {})
     T_cam_map_I44 = torch.as_tensor(np.stack(poses), dtype=torch.float32, device=device)
@@ -297,11 +293,11 @@ def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch
     return model.regressor.seed_codes(cache.feats_NF[sel].float(), pos_M3), fine_keys_MK
 
 
-def all_candidates(head: CodesHead, feats_NF: torch.Tensor, chunk: int) -> torch.Tensor:
+def all_candidates(head: CodesHead, feats_NF: torch.Tensor, chunk: int, best_first: bool = False) -> torch.Tensor:
     """``N x k`` indices of the landmarks every mapping patch attends to with the codes as they
-    are, the best-matching first."""
+    are (with ``best_first``, the best-matching in column 0)."""
     # int32: half the memory (600 000 patches x 16 of redkitchen's 500 frames: 38 MB)
-    return torch.cat([head.candidates(f.float(), best_first=True).int() for f in feats_NF.split(chunk)])
+    return torch.cat([head.candidates(f.float(), best_first).int() for f in feats_NF.split(chunk)])
 
 
 @torch.no_grad()
@@ -355,12 +351,13 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
     refresh = cfg.candidate_refresh if cfg.method == "aceg" and model.regressor.uses_top_k(len(head.keys)) else 0
     candidates_Nk = None
     fine = None if fine_keys_MK is None else FineKeys(fine_keys_MK.half(), cfg.sweep.scale)
+    refine = cfg.refine_pixels and fine is not None
     pixels_N2 = cache.pixels_N2
     t1 = time.perf_counter()
     for it in range(cfg.iterations):
         if refresh and it % refresh == 0:
-            candidates_Nk = all_candidates(head, cache.feats_NF, cfg.batch_patches)
-            if cfg.refine_pixels and fine is not None:
+            candidates_Nk = all_candidates(head, cache.feats_NF, cfg.batch_patches, best_first=refine)
+            if refine:
                 pixels_N2 = refined_pixels(cache, fine, candidates_Nk[:, 0], cfg.refine_window_px)
         sel = torch.randint(n, (min(cfg.batch_patches, n),), generator=gen).to(model.device)
         img = cache.image_idx_N[sel]

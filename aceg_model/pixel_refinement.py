@@ -32,18 +32,20 @@ import torch
 
 from aceg_model.encoder import STRIDE
 from aceg_model.frames import Intrinsics
-from aceg_model.landmarks import bilinear_corners, bilinear_cosine, neighbour_dots
+from aceg_model.landmarks import (bilinear_corners, bilinear_cosine, neighbour_dots, patch_grid_coords,
+                                  scaled_pixels)
 from aceg_model.model import AcegModel, prepare_image
 
 
 def encode_fine(model: AcegModel, image: np.ndarray, intrinsics: Intrinsics, scale: int
-                ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The query's unit regressor queries ``P x K`` on its patch grid at ``scale`` x the working
-    height (what the map's fine keys are compared with), and that grid's ``(h, w)``."""
-    image_1HW, _ = prepare_image(image, intrinsics, model.config.image_height * scale)
+                ) -> tuple[torch.Tensor, tuple[int, int], Intrinsics]:
+    """An image's unit regressor queries ``P x K`` on its patch grid at ``scale`` x the working
+    height, that grid's ``(h, w)`` and the intrinsics of that size: what fine keys are made of
+    (mapping's plane sweep) and compared with (the query's refinement)."""
+    image_1HW, K = prepare_image(image, intrinsics, model.config.image_height * scale)
     feats_1Dhw = model.encoder(image_1HW.unsqueeze(0).to(model.device))
     hw = tuple(feats_1Dhw.shape[2:])
-    return model.regressor.queries(feats_1Dhw[0].flatten(1).T.unsqueeze(0))[1][0], hw
+    return model.regressor.queries(feats_1Dhw[0].flatten(1).T.unsqueeze(0))[1][0], hw, K
 
 
 def _parabola_vertex(centre: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
@@ -73,12 +75,8 @@ def refine_pixels(fine_keys_PK: torch.Tensor, desc_QK: torch.Tensor, hw: tuple[i
     n = len(steps)
     dy, dx = torch.meshgrid(steps, steps, indexing="ij")
     offsets_O2 = torch.stack([dx.reshape(-1), dy.reshape(-1)], dim=-1)
-    # Working-resolution pixels -> the fine grid's pixels (pixel-centre convention: the same rays)
-    # -> fine patch-grid coordinates.
-    fine_pixels_PO2 = (centres_P2.float().unsqueeze(1) + offsets_O2 + 0.5) * scale - 0.5
-    grid_PO2 = (fine_pixels_PO2 - (STRIDE - 1) / 2.0) / STRIDE
-    inside_PO = ((grid_PO2[..., 0] >= 0) & (grid_PO2[..., 0] <= w - 1)
-                 & (grid_PO2[..., 1] >= 0) & (grid_PO2[..., 1] <= h - 1))
+    fine_pixels_PO2 = scaled_pixels(centres_P2.float().unsqueeze(1) + offsets_O2, scale)
+    grid_PO2, inside_PO = patch_grid_coords(fine_pixels_PO2, hw)
     # Each window lies within a block of B x B grid cells: gather those descriptors only (the
     # whole fine grid against every key cost ~10x more), clamped into the grid at its borders.
     B = math.ceil(2 * window_px * scale / STRIDE) + 2
@@ -95,8 +93,9 @@ def refine_pixels(fine_keys_PK: torch.Tensor, desc_QK: torch.Tensor, hw: tuple[i
     scores_PC = torch.bmm(block_PCK, fine_keys_PK.float().unsqueeze(-1))[..., 0]
     dots_5Q = neighbour_dots(desc_QK.view(1, h, w, -1))[0].flatten(1)
     dots_P5C = dots_5Q[:, block_PC].transpose(0, 1)
-    local_PO2 = grid_PO2 - torch.stack([origin_x, origin_y], dim=-1).unsqueeze(1).float()
-    corners, weights, _ = bilinear_corners(local_PO2 * STRIDE + (STRIDE - 1) / 2.0, (B, B))
+    # The same pixels seen from the block's top-left cell, so the corners index the block.
+    block_pixels_PO2 = fine_pixels_PO2 - STRIDE * torch.stack([origin_x, origin_y], dim=-1).unsqueeze(1).float()
+    corners, weights, _ = bilinear_corners(block_pixels_PO2, (B, B))
     cos_PO = bilinear_cosine(corners, weights, lambda c: scores_PC.gather(1, c),
                              lambda j, c: dots_P5C[:, j].gather(1, c))
     cos_PO = torch.where(inside_PO, cos_PO, torch.full_like(cos_PO, -2.0))

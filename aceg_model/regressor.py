@@ -253,13 +253,25 @@ class Regressor(nn.Module):
         return torch.cat([top_k_indices(torch.bmm(q.to(keys_SKM.dtype), keys_SKM), k)
                           for q in q_SbK.split(SEARCH_ROWS, dim=1)], dim=1)
 
-    def candidates(self, feats_SbF: torch.Tensor, index: LandmarkIndex) -> torch.Tensor:
-        """The landmarks each patch would attend to now (``S x b x attention_top_k`` indices).
+    def candidates(self, feats_SbF: torch.Tensor, index: LandmarkIndex, best_first: bool = False) -> torch.Tensor:
+        """The landmarks each patch would attend to now (``S x b x attention_top_k`` indices); with
+        ``best_first`` the best-matching key (the attention's largest weight) in column 0.
 
         Mapping keeps these per mapping patch and passes them back to ``regress`` for a while:
         the search is ~3/4 of an iteration's time, and the keys move little between refreshes."""
         with torch.no_grad():
-            return self.search(self.queries(feats_SbF)[1], index, self.config.attention_top_k)
+            q_SbK = self.queries(feats_SbF)[1]
+            idx_Sbk = self.search(q_SbK, index, self.config.attention_top_k)
+            if not best_first:
+                return idx_Sbk
+            s_idx = torch.arange(idx_Sbk.shape[0], device=idx_Sbk.device).view(-1, 1, 1)
+            cos_Sbk = (q_SbK.unsqueeze(-2) * index.unit_keys_SMK[s_idx, idx_Sbk].to(q_SbK.dtype)).sum(-1)
+            best_Sb1 = cos_Sbk.argmax(dim=-1, keepdim=True)
+            first_Sb1 = idx_Sbk.gather(-1, best_Sb1)
+            # Swap the best into column 0 (the others keep their places).
+            idx_Sbk = idx_Sbk.scatter(-1, best_Sb1, idx_Sbk[..., :1])
+            idx_Sbk[..., :1] = first_Sb1
+            return idx_Sbk
 
     def _top_k_logits(self, q_SbK: torch.Tensor, index: LandmarkIndex, k: int,
                       idx_Sbk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,20 @@ class PretrainConfig:
     log_every: int = 20
     checkpoint_every: int = 200
     bank: str | None = None  # folder of pre-rendered scenes (pretrain_data.render_bank); None: render inline
+    # A model file whose weights (and configuration) start the run instead of a fresh
+    # initialization: continued pre-training of a shipped encoder. A resume state wins over it.
+    init: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        if min(self.w_coords, self.w_reproj, self.w_nce) < 0 or self.w_coords + self.w_reproj + self.w_nce == 0:
+            raise ValueError("loss weights must be >= 0 and not all 0")
+
+    @property
+    def regresses(self) -> bool:
+        """Whether the run trains through the regressor (3D and reprojection losses) or the
+        encoder alone by the correspondence loss."""
+        return self.w_coords > 0 or self.w_reproj > 0
 
 
 class ScenePool:
@@ -116,17 +129,23 @@ def sample_patches(view: View, image_size: tuple[int, int], n: int, rng: np.rand
     return pick, coords_P3[pick], pix_P2[pick]
 
 
+def encode_views(model, views: list[View], cfg: PretrainConfig):
+    """Encoder features of ``views`` at the working resolution and the prepared images."""
+    device = next(model.parameters()).device
+    prepared = [prepare_image(v.image, v.intrinsics, cfg.model.image_height) for v in views]
+    return model.encoder(torch.stack([p[0] for p in prepared]).to(device)), prepared
+
+
 def step_losses(model, views: list[View], codes_S: list[torch.Tensor], centres: list[np.ndarray],
                 cfg: PretrainConfig, rng: np.random.Generator, progress: float, loss_cfg: ReprojectionLossConfig):
     """Loss of one iteration over S scenes x V views each; codes may be detached (query iterations)."""
     device = next(model.parameters()).device
     V = cfg.views_per_scene
-    prepared = [prepare_image(v.image, v.intrinsics, cfg.model.image_height) for v in views]
-    images = torch.stack([p[0] for p in prepared]).to(device)
-    feats_BDhw = model.encoder(images)
+    feats_BDhw, prepared = encode_views(model, views, cfg)
+    images_hw = prepared[0][0].shape[-2:]
     B, D, h, w = feats_BDhw.shape
     feats_BPD = feats_BDhw.flatten(2).transpose(1, 2)
-    picks = [sample_patches(v, images.shape[-2:], cfg.patches_per_view, rng) for v in views]
+    picks = [sample_patches(v, images_hw, cfg.patches_per_view, rng) for v in views]
     b = min(len(p[0]) for p in picks)
     if b < 16:
         return None
@@ -198,11 +217,16 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
     """Run pre-training; writes ``out_dir/model.safetensors`` (rank 0) and resumable state."""
     rank, world, device = setup_distributed()
     torch.manual_seed(cfg.seed)
-    model = AcegModel(cfg.model).to(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "pretrain_state.safetensors"
+    resuming = resume and state_path.exists()
+    if cfg.init and not resuming:
+        model = AcegModel.load(cfg.init, device)
+        cfg = replace(cfg, model=model.config)
+    else:
+        model = AcegModel(cfg.model).to(device)
     start_step = 0
-    if resume and state_path.exists():
+    if resuming:
         start_step = load_state(state_path, model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     pool = ScenePool(cfg, model.regressor, rank, world, device)
@@ -229,14 +253,21 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
                           for k in range(cfg.views_per_scene)]
             # Query iterations see codes as constants: only the network learns to generalize.
             codes = [pool.codes[i] if phase == "mapping" else pool.codes[i].detach() for i in slots]
-            out = step_losses(model, views, codes, centres, cfg, rng, pool.uses[slots[0]] / cfg.scene_uses, loss_cfg)
-            if out is None:
-                continue
-            l_coords, l_reproj, stats, feats, prepared = out
-            loss = cfg.w_coords * l_coords + cfg.w_reproj * l_reproj
-            l_nce = correspondence_loss(feats, prepared, views, cfg, rng)
+            if cfg.regresses:
+                out = step_losses(model, views, codes, centres, cfg, rng, pool.uses[slots[0]] / cfg.scene_uses,
+                                  loss_cfg)
+                if out is None:
+                    continue
+                l_coords, l_reproj, stats, feats, prepared = out
+                loss = cfg.w_coords * l_coords + cfg.w_reproj * l_reproj
+            else:
+                (feats, prepared), stats = encode_views(model, views, cfg), {}
+                l_coords = l_reproj = loss = torch.zeros((), device=device)
+            l_nce = correspondence_loss(feats, prepared, views, cfg, rng) if cfg.w_nce > 0 else None
             if l_nce is not None:
                 loss = loss + cfg.w_nce * l_nce
+            elif not cfg.regresses:
+                continue
             opt.zero_grad(set_to_none=True)
             for i in slots:
                 code_opts[i].zero_grad(set_to_none=True)
@@ -309,12 +340,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bank", default=None, help="folder of pre-rendered scenes (python -m aceg_model.pretrain_data)")
     p.add_argument("--seed", type=int, default=0, help="seed of scenes and sampling")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if a state file exists")
+    p.add_argument("--init", default=None, help="model file to continue from (its weights and configuration)")
+    p.add_argument("--lr", type=float, default=PretrainConfig.lr, help="peak learning rate (cosine decay)")
+    p.add_argument("--w-coords", type=float, default=PretrainConfig.w_coords, help="weight of the 3D loss")
+    p.add_argument("--w-reproj", type=float, default=PretrainConfig.w_reproj,
+                   help="weight of the reprojection NLL")
+    p.add_argument("--w-nce", type=float, default=PretrainConfig.w_nce,
+                   help="weight of the correspondence loss (0 with the other two: encoder alone)")
     args = p.parse_args(argv)
-    if args.steps <= 0:
-        p.error("--steps must be > 0")
-    cfg = PretrainConfig(steps=args.steps, scenes_in_pool=args.scenes_in_pool, scene_uses=args.scene_uses,
-                         mapping_frames=args.mapping_frames, query_frames=args.query_frames, seed=args.seed,
-                         bank=args.bank)
+    if args.steps <= 0 or args.lr <= 0:
+        p.error("--steps and --lr must be > 0")
+    if args.init and not Path(args.init).is_file():
+        p.error(f"--init {args.init}: no such file")
+    try:
+        cfg = PretrainConfig(steps=args.steps, scenes_in_pool=args.scenes_in_pool, scene_uses=args.scene_uses,
+                             mapping_frames=args.mapping_frames, query_frames=args.query_frames, seed=args.seed,
+                             bank=args.bank, init=args.init, lr=args.lr, w_coords=args.w_coords,
+                             w_reproj=args.w_reproj, w_nce=args.w_nce)
+    except ValueError as e:
+        p.error(str(e))
     path = pretrain(cfg, args.out, resume=not args.no_resume,
                     time_budget_s=None if args.minutes is None else args.minutes * 60)
     print(f"model written to {path}")

@@ -55,3 +55,30 @@ def test_stage2_trains_the_regressor_only(bank: Path, tmp_path: Path) -> None:
     assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in enc_before.items())
     assert any(not torch.equal(v, model.regressor.state_dict()[k]) for k, v in reg_before.items())
     assert (tmp_path / "regressor_log.jsonl").exists()
+
+
+def test_continued_pretraining_starts_from_a_model_file_and_can_train_the_encoder_alone(
+        bank: Path, tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    start = AcegModel(TINY)
+    start.save(tmp_path / "start.safetensors")
+    # The configuration comes from the file, not from cfg.model; with the 3D and reprojection
+    # weights at 0 only the correspondence loss trains, and it reaches the encoder alone.
+    cfg = PretrainConfig(steps=2, scenes_in_pool=2, scenes_per_step=2, patches_per_view=32, nce_points=128,
+                         render_height=64, log_every=1, bank=str(bank), init=str(tmp_path / "start.safetensors"),
+                         w_coords=0.0, w_reproj=0.0, lr=1e-3)
+    out = AcegModel.load(pretrain(cfg, tmp_path / "run", resume=False))
+    assert out.config == TINY
+    before, after = start.state_dict(), out.state_dict()
+    assert all(torch.equal(before[k], v) for k, v in after.items() if k.startswith("regressor."))
+    enc = [k for k in after if k.startswith("encoder.")]
+    assert any(not torch.equal(before[k], after[k]) for k in enc)
+    # Small steps from the start, not a fresh initialization.
+    assert all((after[k].float() - before[k].float()).abs().max() < 0.05 for k in enc)
+
+
+def test_pretrain_refuses_bad_loss_weights() -> None:
+    with pytest.raises(ValueError, match="loss weights"):
+        PretrainConfig(w_coords=0.0, w_reproj=0.0, w_nce=0.0)
+    with pytest.raises(ValueError, match="loss weights"):
+        PretrainConfig(w_nce=-1.0)

@@ -82,3 +82,15 @@ def test_pretrain_refuses_bad_loss_weights() -> None:
         PretrainConfig(w_coords=0.0, w_reproj=0.0, w_nce=0.0)
     with pytest.raises(ValueError, match="loss weights"):
         PretrainConfig(w_nce=-1.0)
+
+
+def test_pretrain_cli_refuses_a_missing_init_file_and_bad_weights(tmp_path: Path, capsys) -> None:
+    from aceg_model.pretrain import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path), "--init", str(tmp_path / "missing.safetensors")])
+    assert e.value.code == 2 and "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path), "--w-coords", "0", "--w-reproj", "0", "--w-nce", "0"])
+    assert e.value.code == 2 and "loss weights" in capsys.readouterr().err
+    assert not (tmp_path / "model.safetensors").exists()

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from aceg_model.losses import ReprojectionLossConfig, coords_nll, info_nce, reprojection_nll
 from aceg_model.model import AcegModel, ModelConfig, prepare_image
 from aceg_model.pretrain_data import SceneViews, T_cam_map, View, load_views, patch_coords
+from aceg_model.safe_files import read_meta
 
 CHECKPOINT_KIND = "aceg-pretrain-state"
 
@@ -220,14 +221,15 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "pretrain_state.safetensors"
     resuming = resume and state_path.exists()
-    if cfg.init and not resuming:
-        model = AcegModel.load(cfg.init, device)
+    # A run starts from its state file (resume), else from cfg.init, else fresh; a file brings
+    # its own configuration with its weights.
+    start_file = state_path if resuming else cfg.init
+    if start_file:
+        model = AcegModel.load(start_file, device).train()
         cfg = replace(cfg, model=model.config)
     else:
         model = AcegModel(cfg.model).to(device)
-    start_step = 0
-    if resuming:
-        start_step = load_state(state_path, model)
+    start_step = int(read_meta(state_path, kind="aceg-model").get("step", 0)) if resuming else 0
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     pool = ScenePool(cfg, model.regressor, rank, world, device)
     code_opts = [torch.optim.Adam([c], lr=cfg.code_lr) for c in pool.codes]
@@ -253,21 +255,22 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
                           for k in range(cfg.views_per_scene)]
             # Query iterations see codes as constants: only the network learns to generalize.
             codes = [pool.codes[i] if phase == "mapping" else pool.codes[i].detach() for i in slots]
+            l_coords = l_reproj = None
             if cfg.regresses:
                 out = step_losses(model, views, codes, centres, cfg, rng, pool.uses[slots[0]] / cfg.scene_uses,
                                   loss_cfg)
                 if out is None:
                     continue
                 l_coords, l_reproj, stats, feats, prepared = out
-                loss = cfg.w_coords * l_coords + cfg.w_reproj * l_reproj
+                terms = [cfg.w_coords * l_coords, cfg.w_reproj * l_reproj]
             else:
-                (feats, prepared), stats = encode_views(model, views, cfg), {}
-                l_coords = l_reproj = loss = torch.zeros((), device=device)
+                (feats, prepared), stats, terms = encode_views(model, views, cfg), {}, []
             l_nce = correspondence_loss(feats, prepared, views, cfg, rng) if cfg.w_nce > 0 else None
             if l_nce is not None:
-                loss = loss + cfg.w_nce * l_nce
-            elif not cfg.regresses:
+                terms.append(cfg.w_nce * l_nce)
+            if not terms:  # the encoder alone, and no view pair with enough correspondences
                 continue
+            loss = sum(terms)
             opt.zero_grad(set_to_none=True)
             for i in slots:
                 code_opts[i].zero_grad(set_to_none=True)
@@ -286,8 +289,8 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
             if phase == "mapping":
                 for i in slots:
                     code_opts[i].step()
-            log[phase] = {"loss": loss.item(), "coords": l_coords.item(), "reproj": l_reproj.item(),
-                          "nce": None if l_nce is None else l_nce.item(), **stats}
+            log[phase] = {"loss": loss.item(), **{k: None if v is None else v.item() for k, v in
+                          (("coords", l_coords), ("reproj", l_reproj), ("nce", l_nce))}, **stats}
         for i in slots:
             pool.uses[i] += 1
         for i in pool.retire_used():
@@ -315,15 +318,6 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
 
 def save_state(path: Path, model: AcegModel, step: int, cfg: PretrainConfig) -> None:
     model.save(path, {"step": step, "pretrain": asdict(cfg)})
-
-
-def load_state(path: Path, model: AcegModel) -> int:
-    from aceg_model.safe_files import load_tensors
-
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tensors, meta = load_tensors(path, kind="aceg-model", expected_shapes=shapes)
-    model.load_state_dict(tensors)
-    return int(meta.get("step", 0))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,6 +75,11 @@ def test_continued_pretraining_starts_from_a_model_file_and_can_train_the_encode
     assert any(not torch.equal(before[k], after[k]) for k in enc)
     # Small steps from the start, not a fresh initialization.
     assert all((after[k].float() - before[k].float()).abs().max() < 0.05 for k in enc)
+    # Resuming such a run takes the configuration from its state file, not cfg.model's default.
+    cfg.steps = 3
+    resumed = AcegModel.load(pretrain(cfg, tmp_path / "run", resume=True))
+    assert resumed.config == TINY
+    assert (tmp_path / "run" / "pretrain_log.jsonl").read_text().count("\n") == 3
 
 
 def test_pretrain_refuses_bad_loss_weights() -> None:

@@ -24,6 +24,7 @@ from aceg_model.localizer import Localizer
 from aceg_model.mapping import METHODS, MappingConfig, SceneMap, map_scene, progress_bar
 from aceg_model.metrics import accuracy_summary
 from aceg_model.model import AcegModel, pick_device
+from aceg_model.photo_depth import PhotoDepthConfig
 from aceg_model.pnp import PnPConfig
 
 PERTURBATIONS = ("darker", "tinted", "blurred")
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"(1-{MAX_SWEEP_SCALE})")
     p.add_argument("--fixed-depth-seeds", action="store_true",
                    help="seed every landmark at the loss's target depth instead of plane-sweeping (ablation)")
+    p.add_argument("--no-photo-depth", action="store_true",
+                   help="keep the plane sweep's landmark depths (no NCC sharpening on the raw pixels; ablation)")
     p.add_argument("--top-k", type=int, default=PnPConfig.top_k,
                    help="PnP prefilter: keep the k most certain correspondences; 0 = all")
     p.add_argument("--no-refine-pixels", action="store_true",
@@ -126,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         scene_map, report = map_scene(model, mapping, MappingConfig(method=args.method, iterations=args.iterations,
                                                                batch_patches=args.batch_patches,
                                                                sweep_seeds=not args.fixed_depth_seeds,
-                                                               sweep=SweepConfig(scale=args.sweep_scale)), progress)
+                                                               sweep=SweepConfig(scale=args.sweep_scale),
+                                                               photo_depth=PhotoDepthConfig(
+                                                                   enabled=not args.no_photo_depth)), progress)
         bar.close()
         mapping_seconds = time.perf_counter() - t0
         if args.save_map:

@@ -25,9 +25,10 @@ from aceg_model.encoder import patch_centres
 from aceg_model.frames import Frame
 from aceg_model.geometry import invert
 from aceg_model.heads import CodesHead, MlpHead
-from aceg_model.landmarks import SweepConfig, SweepViews, sweep_depths
+from aceg_model.landmarks import SweepConfig, SweepViews, neighbour_views, sweep_depths
 from aceg_model.losses import ReprojectionLossConfig, pixel_rays, reprojection_nll
 from aceg_model.model import AcegModel, prepare_image
+from aceg_model.photo_depth import GreyViews, PhotoDepthConfig, grey_image, refine_depths
 from aceg_model.pixel_refinement import encode_fine, refine_pixels
 
 MAP_KIND = "aceg-map"
@@ -66,6 +67,8 @@ class MappingConfig:
     encode_batch: int = 8  # images per encoder call when caching features
     sweep_seeds: bool = True  # landmark depths from a plane sweep (False: all at loss.target_depth)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    # The sweep's depths sharpened by NCC of the mapping images' raw pixels (``photo_depth``).
+    photo_depth: PhotoDepthConfig = field(default_factory=PhotoDepthConfig)
     loss: ReprojectionLossConfig = field(default_factory=ReprojectionLossConfig)
 
     def __post_init__(self) -> None:
@@ -204,14 +207,18 @@ class FeatureCache:
     K_I33: torch.Tensor
     grid_hw: tuple[int, int]  # the patch grid of every image (mapping images share one size)
     sweep_views: SweepViews | None = None  # what the plane sweep compares (ACE-G seeding only)
+    grey_views: GreyViews | None = None  # the raw pixels that sharpen the sweep's depths
 
 
 @torch.inference_mode()
 def cache_features(model: AcegModel, frames: Sequence[Frame], centre_3: np.ndarray, batch: int = 8,
-                   progress: Progress | None = None, sweep_scale: int | None = None) -> FeatureCache:
-    """Encode every mapping image once; with ``sweep_scale`` also the keys the plane sweep compares."""
+                   progress: Progress | None = None, sweep_scale: int | None = None,
+                   grey_scale: int | None = None) -> FeatureCache:
+    """Encode every mapping image once; with ``sweep_scale`` also the keys the plane sweep
+    compares, with ``grey_scale`` the grey pixels that sharpen its depths."""
     device = model.device
     feats, pixels, idx, poses, Ks = [], [], [], [], []
+    greys, grey_Ks = [], []
     sweep_keys, sweep_Ks, sweep_hw = [], [], None
     T_world_map = np.eye(4)
     T_world_map[:3, 3] = centre_3
@@ -240,6 +247,10 @@ def cache_features(model: AcegModel, frames: Sequence[Frame], centre_3: np.ndarr
                 keys_PK, sweep_hw, K_sweep = encode_fine(model, frame.image, frame.intrinsics, sweep_scale)
                 sweep_keys.append(keys_PK.half())
                 sweep_Ks.append(K_sweep.K)
+            if grey_scale:
+                grey, K_grey = grey_image(frame.image, frame.intrinsics, model.config.image_height, grey_scale)
+                greys.append(grey.to(device))
+                grey_Ks.append(K_grey.K)
         if progress:
             progress("encode", start + len(chunk), len(frames), {})
     T_cam_map_I44 = torch.as_tensor(np.stack(poses), dtype=torch.float32, device=device)
@@ -248,16 +259,20 @@ def cache_features(model: AcegModel, frames: Sequence[Frame], centre_3: np.ndarr
         views = SweepViews(torch.stack(sweep_keys), sweep_hw,
                            torch.as_tensor(np.stack(sweep_Ks), dtype=torch.float32, device=device),
                            T_cam_map_I44, sweep_scale)
+    grey_views = None
+    if grey_scale:
+        grey_views = GreyViews(torch.stack(greys), torch.as_tensor(np.stack(grey_Ks), dtype=torch.float32,
+                                                                    device=device), grey_scale)
     return FeatureCache(
         torch.cat(feats), torch.cat(pixels), torch.cat(idx), T_cam_map_I44,
-        torch.as_tensor(np.stack(Ks), dtype=torch.float32, device=device), (h, w), views,
+        torch.as_tensor(np.stack(Ks), dtype=torch.float32, device=device), (h, w), views, grey_views,
     )
 
 
 @torch.no_grad()
 def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch.Generator,
-               sweep: SweepConfig | None = None, progress: Progress | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+               sweep: SweepConfig | None = None, progress: Progress | None = None,
+               photo: PhotoDepthConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Initial codes from the mapping images alone: patches drawn across all images become
     landmarks, keyed by their own features and placed on their viewing rays. Also returns each
     landmark's fine key (``M x K``, unit) for the query's sub-patch refinement
@@ -267,7 +282,9 @@ def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch
     With ``sweep`` each landmark's depth comes from a plane sweep against neighbouring mapping
     views (``aceg_model.landmarks``), and of ``sweep.oversample`` x M candidates the M with the
     sharpest sweep are kept; without it (or where the sweep finds nothing) landmarks sit at
-    ``depth_m``. The reprojection loss then refines them from every view whose patches attend."""
+    ``depth_m``. With ``photo`` (enabled) the swept depths are then sharpened by NCC of the
+    mapping images' raw pixels (``aceg_model.photo_depth``; needs the cache's grey views).
+    The reprojection loss then refines them from every view whose patches attend."""
     M, n = model.config.regressor.n_codes, len(cache.feats_NF)
     n_cand = M if sweep is None else int(M * sweep.oversample)
     sel = torch.randperm(n, generator=gen)[:n_cand] if n >= n_cand else torch.randint(n, (n_cand,), generator=gen)
@@ -280,7 +297,14 @@ def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch
         swept, sharpness = sweep_depths(cache.sweep_views, cache.image_idx_N[sel], cache.pixels_N2[sel], sweep,
                                         progress and (lambda done, total: progress("seed", done, total, {})))
         keep = sharpness.argsort(descending=True)[:M]
-        sel, depth = sel[keep], torch.where(swept[keep].isfinite(), swept[keep], depth[keep])
+        sel, swept = sel[keep], swept[keep]
+        if photo is not None and photo.enabled:
+            if cache.grey_views is None or cache.grey_views.scale != photo.scale:
+                raise ValueError(f"the feature cache holds no grey views at scale {photo.scale} "
+                                 f"(cache_features(..., grey_scale={photo.scale}))")
+            swept, _ = refine_depths(cache.grey_views, cache.T_cam_map_I44, neighbour_views(cache.T_cam_map_I44, sweep),
+                                     cache.image_idx_N[sel], cache.pixels_N2[sel], swept, photo)
+        depth = torch.where(swept.isfinite(), swept, depth[keep])
     img = cache.image_idx_N[sel]
     rays_M3 = pixel_rays(cache.K_I33[img], cache.pixels_N2[sel])
     T_map_cam_M44 = torch.linalg.inv(cache.T_cam_map_I44[img])
@@ -329,14 +353,15 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
 
     t0 = time.perf_counter()
     sweep_scale = cfg.sweep.scale if cfg.method == "aceg" and cfg.sweep_seeds else None
-    cache = cache_features(model, frames, centre_3, cfg.encode_batch, progress, sweep_scale)
+    grey_scale = cfg.photo_depth.scale if sweep_scale and cfg.photo_depth.enabled else None
+    cache = cache_features(model, frames, centre_3, cfg.encode_batch, progress, sweep_scale, grey_scale)
     t_encode = time.perf_counter() - t0
 
     gen = torch.Generator().manual_seed(cfg.seed)
     t_seed = time.perf_counter()
     if cfg.method == "aceg":
         codes, fine_keys_MK = seed_codes(model, cache, cfg.loss.target_depth, gen,
-                                         cfg.sweep if cfg.sweep_seeds else None, progress)
+                                         cfg.sweep if cfg.sweep_seeds else None, progress, cfg.photo_depth)
         head = CodesHead(model.regressor, codes).train()
         groups = [{"params": [head.keys], "lr": cfg.lr_keys}, {"params": [head.positions], "lr": cfg.lr_positions}]
     else:

@@ -48,7 +48,7 @@ def encode_fine(model: AcegModel, image: np.ndarray, intrinsics: Intrinsics, sca
     return model.regressor.queries(feats_1Dhw[0].flatten(1).T.unsqueeze(0))[1][0], hw, K
 
 
-def _parabola_vertex(centre: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+def parabola_vertex(centre: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
     """Offset (in steps, within +-0.5) of the vertex of the parabola through three equally spaced
     scores; 0 where they do not form a maximum."""
     curvature = lower - 2 * centre + upper
@@ -108,7 +108,7 @@ def refine_pixels(fine_keys_PK: torch.Tensor, desc_QK: torch.Tensor, hw: tuple[i
         return grid_Pnn[rows, y.clamp(0, n - 1), x.clamp(0, n - 1)]
 
     interior_x, interior_y = (ix > 0) & (ix < n - 1), (iy > 0) & (iy < n - 1)
-    sub_x = torch.where(interior_x, _parabola_vertex(best_cos, score(iy, ix - 1), score(iy, ix + 1)), 0.0)
-    sub_y = torch.where(interior_y, _parabola_vertex(best_cos, score(iy - 1, ix), score(iy + 1, ix)), 0.0)
+    sub_x = torch.where(interior_x, parabola_vertex(best_cos, score(iy, ix - 1), score(iy, ix + 1)), 0.0)
+    sub_y = torch.where(interior_y, parabola_vertex(best_cos, score(iy - 1, ix), score(iy + 1, ix)), 0.0)
     refined_P2 = centres_P2.float() + torch.stack([steps[ix] + sub_x, steps[iy] + sub_y], dim=-1)
     return refined_P2, best_cos

@@ -851,6 +851,7 @@ class AcegLocalizer(LifecycleNode):
         from aceg_model.landmarks import SweepConfig
         from aceg_model.localizer import Localizer
         from aceg_model.mapping import MappingConfig, map_scene
+        from aceg_model.photo_depth import PhotoDepthConfig
         from aceg_ros.bag_io import read_bag_frames
 
         log = self.get_logger()
@@ -884,7 +885,8 @@ class AcegLocalizer(LifecycleNode):
             dropped = _dropped_summary(report, len(frames))
             cfg = MappingConfig(method=v["mapping.method"], iterations=v["mapping.iterations"],
                                 batch_patches=v["mapping.batch_patches"],
-                                sweep=SweepConfig(scale=v["mapping.sweep_scale"]))
+                                sweep=SweepConfig(scale=v["mapping.sweep_scale"]),
+                                photo_depth=PhotoDepthConfig(enabled=v["mapping.photo_depth"]))
             scene_map, rep = map_scene(self._model, frames, cfg, progress)
             out = Path(job.output).expanduser()
             progress("writing", 0, 1, {})

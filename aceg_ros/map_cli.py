@@ -12,6 +12,7 @@ from pathlib import Path
 from aceg_model.landmarks import MAX_SWEEP_SCALE, SweepConfig
 from aceg_model.mapping import METHODS, MappingConfig, map_scene, progress_bar
 from aceg_model.model import AcegModel, pick_device
+from aceg_model.photo_depth import PhotoDepthConfig
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "aceg_small.safetensors"
 
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-scale", type=int, default=SweepConfig.scale,
                    help="the landmark plane sweep compares images encoded at this multiple of the model's resolution "
                         f"(1-{MAX_SWEEP_SCALE}; encoding time and memory grow with scale^2)")
+    p.add_argument("--no-photo-depth", action="store_true",
+                   help="keep the plane sweep's landmark depths (no NCC sharpening on the raw pixels)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = p.parse_args(argv)
     if args.iterations <= 0:
@@ -64,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         progress, bar = progress_bar(args.iterations, f"mapping {len(frames)} frames")
         t0 = time.perf_counter()
         scene_map, report = map_scene(model, frames, MappingConfig(method=args.method, iterations=args.iterations,
-                                                                  sweep=SweepConfig(scale=args.sweep_scale)),
+                                                                  sweep=SweepConfig(scale=args.sweep_scale),
+                                                                  photo_depth=PhotoDepthConfig(
+                                                                      enabled=not args.no_photo_depth)),
                                       progress)
         bar.close()
         scene_map.save(args.out)

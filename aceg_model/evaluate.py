@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="PnP prefilter: keep the k most certain correspondences; 0 = all")
     p.add_argument("--no-refine-pixels", action="store_true",
                    help="use the patch centres as the correspondences' pixels (no sub-patch refinement)")
+    p.add_argument("--no-photometric", action="store_true",
+                   help="keep the poses from the patch correspondences (no photometric refinement on the landmarks' "
+                        "grey windows)")
     p.add_argument("--max-query", type=int, default=None, help="evaluate only every n-th query so at most this many")
     p.add_argument("--perturb", nargs="*", choices=PERTURBATIONS, default=None,
                    help="also evaluate under these photometric changes (none given: all)")
@@ -136,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         mapping_seconds = time.perf_counter() - t0
         if args.save_map:
             scene_map.save(args.save_map)
-    localizer = Localizer(model, scene_map, PnPConfig(top_k=args.top_k or None, refine_pixels=not args.no_refine_pixels))
+    localizer = Localizer(model, scene_map, PnPConfig(top_k=args.top_k or None, refine_pixels=not args.no_refine_pixels,
+                                                      photometric_refinement=not args.no_photometric))
     result = {"method": args.method, "data": str(args.data), "model": str(args.model), "device": str(device),
               "n_mapping": len(mapping), "mapping_seconds": mapping_seconds,
-              "refine_pixels": localizer.refines_pixels}
+              "refine_pixels": localizer.refines_pixels, "photometric": localizer.refines_photometrically}
     result.update(evaluate_queries(localizer, queries))
     if args.perturb is not None:
         result["perturbed"] = {}
@@ -150,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(result, indent=1))
     rows = [("as recorded", result)] + [(k, v) for k, v in result.get("perturbed", {}).items()]
     refined = "pixels refined within their patches" if localizer.refines_pixels else "patch-centre pixels"
+    if localizer.refines_photometrically:
+        refined += ", poses refined on the landmarks' grey windows"
     print(f"{args.method}: mapping {mapping_seconds:.0f} s, {len(queries)} queries, {refined}")
     for name, r in rows:
         print(f"  {name:12s} 5cm/5deg {r['pct_5cm_5deg']:5.1f}%  10cm/10deg {r['pct_10cm_10deg']:5.1f}%  "

@@ -3,7 +3,8 @@
 encode -> regress scene coordinates + uncertainty for every patch ->
 refine each patch's pixel to where its landmark lies (``aceg_model.pixel_refinement``) ->
 prefilter by uncertainty -> robust PnP (poselib RANSAC + refinement) ->
-6x6 covariance from the inliers (``aceg_model.pnp``).
+place the inliers' landmarks by their raw pixels and solve again
+(``aceg_model.photometric_refinement``) -> 6x6 covariance from the inliers (``aceg_model.pnp``).
 The network and the scene head stay on one device for the whole run.
 """
 from __future__ import annotations
@@ -16,10 +17,13 @@ import torch
 
 from aceg_model.encoder import patch_centres
 from aceg_model.frames import Intrinsics
+from aceg_model.geometry import invert
 from aceg_model.mapping import SceneMap
 from aceg_model.model import AcegModel, prepare_image
+from aceg_model.photo_depth import grey_image
+from aceg_model.photometric_refinement import refine_observations, to_original_pixels
 from aceg_model.pixel_refinement import encode_fine, refine_pixels
-from aceg_model.pnp import PnPConfig, refine_with_candidates, solve_pnp
+from aceg_model.pnp import PnPConfig, PnPResult, refine_with_candidates, solve_pnp
 
 
 @dataclass
@@ -28,6 +32,8 @@ class LocalizationResult:
     reason: str  # why no pose, or "ok"
     T_world_cam: np.ndarray | None  # camera-to-map, 4x4 metres
     covariance_66: np.ndarray | None  # ROS order (x, y, z, rot x, rot y, rot z), m^2 / rad^2, map frame
+    # Of the last solve: the patch correspondences, or, after the photometric refinement, the
+    # inliers' landmarks placed by their grey windows.
     n_inliers: int
     n_correspondences: int
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -48,8 +54,13 @@ class Localizer:
     def regress(self, image: np.ndarray, intrinsics: Intrinsics) -> tuple[np.ndarray, np.ndarray, np.ndarray, Intrinsics, dict]:
         """Scene coordinates (N x 3, map frame), log sigma (N), pixels (N x 2, original image;
         refined within their patches when ``pnp.refine_pixels`` and the map has fine keys) and timings."""
-        coords, log_sigma, pixels, K_work, timings, _ = self._regress(image, intrinsics, with_candidates=False)
+        coords, log_sigma, pixels, K_work, timings, _, _ = self._regress(image, intrinsics, with_candidates=False)
         return coords, log_sigma, pixels, K_work, timings
+
+    @property
+    def refines_photometrically(self) -> bool:
+        """Whether accepted poses are refined on the landmarks' raw pixels (setting on, map with windows)."""
+        return self.pnp.photometric_refinement and self.scene_map.windows is not None
 
     @property
     def refines_pixels(self) -> bool:
@@ -66,7 +77,8 @@ class Localizer:
     @torch.inference_mode()
     def _regress(self, image: np.ndarray, intrinsics: Intrinsics, with_candidates: bool):
         """``regress`` plus each patch's candidate landmark positions (N x k x 3, map frame; None
-        unless ``with_candidates`` and the map has landmarks), for the guided refinement."""
+        unless ``with_candidates`` and the map has landmarks), for the guided refinement, and
+        each patch's best landmark (N; None for a map without landmarks)."""
         t0 = time.perf_counter()
         image_1HW, K_work = prepare_image(image, intrinsics, self.model.config.image_height)
         feats_1Dhw = self.model.encoder(image_1HW.unsqueeze(0).to(self.device))
@@ -75,7 +87,7 @@ class Localizer:
         _, D, h, w = feats_1Dhw.shape
         feats_PD = feats_1Dhw[0].flatten(1).T
         refine = self.refines_pixels
-        if with_candidates or refine:
+        if with_candidates or refine or self.refines_photometrically:
             coords_P3, log_sigma_P, candidates_Pk = self.scene_map.predict_with_candidates(feats_PD)
         else:
             (coords_P3, log_sigma_P), candidates_Pk = self.scene_map.predict(feats_PD), None
@@ -98,21 +110,52 @@ class Localizer:
         candidates = None
         if with_candidates and candidates_Pk is not None:
             candidates = self.scene_map.landmark_positions(candidates_Pk).float().cpu().numpy().astype(np.float64)
+        best = None if candidates_Pk is None else candidates_Pk[:, 0].cpu().numpy()
         return (coords_P3.float().cpu().numpy().astype(np.float64), log_sigma_P.float().cpu().numpy(),
-                pix_P2, K_work, timings, candidates)
+                pix_P2, K_work, timings, candidates, best)
 
     def localize(self, image: np.ndarray, intrinsics: Intrinsics) -> LocalizationResult:
-        coords, log_sigma, pixels, _, timings, candidates = self._regress(
+        coords, log_sigma, pixels, _, timings, candidates, best = self._regress(
             image, intrinsics, with_candidates=self.pnp.guided_refinement)
         pnp = self.pnp_config()
         res = solve_pnp(coords, pixels, intrinsics, pnp, uncertainty_N=np.exp(log_sigma))
         if candidates is not None:
             res = refine_with_candidates(res, candidates, pixels, intrinsics, pnp)
         timings.update({f"pnp_{k}" if not k.startswith("pnp") else k: v for k, v in res.timings_ms.items()})
+        if res.success and best is not None and self.refines_photometrically:
+            t0 = time.perf_counter()
+            res = self._refine_photometrically(res, best, image, intrinsics)
+            timings["photometric"] = 1e3 * (time.perf_counter() - t0)
         timings["total"] = sum(v for k, v in timings.items())
         return LocalizationResult(res.success, res.reason, res.T_world_cam if res.success else None,
                                   res.covariance_66 if res.success else None, int(res.n_inliers),
                                   int(res.n_input), timings)
+
+    @torch.inference_mode()
+    def _refine_photometrically(self, res: PnPResult, best_N: np.ndarray, image: np.ndarray,
+                                intrinsics: Intrinsics) -> PnPResult:
+        """The pose solved again on the raw-pixel observations of its inliers' landmarks
+        (``aceg_model.photometric_refinement``); ``res`` itself where that finds too little."""
+        windows, pnp = self.scene_map.windows, self.pnp_config()
+        ids = torch.as_tensor(np.unique(best_N[res.inlier_mask]), device=self.device)
+        positions = self.scene_map.landmark_positions(ids).float()
+        grey, K = grey_image(image, intrinsics, self.model.config.image_height, windows.scale)
+        grey, K_33 = grey.to(self.device), torch.as_tensor(K.K, dtype=torch.float32, device=self.device)
+        out = res
+        for i in range(pnp.photometric_iterations):
+            T_cam_world = torch.as_tensor(invert(out.T_world_cam), dtype=torch.float32, device=self.device)
+            search = pnp.photometric_search_px if i == 0 else min(2, pnp.photometric_search_px)
+            pix, ok = refine_observations(windows, ids, positions, grey, K_33, T_cam_world, search,
+                                          pnp.photometric_min_ncc)
+            ok = ok.cpu().numpy()
+            if ok.sum() < pnp.min_inliers:
+                break
+            pixels = to_original_pixels(pix.cpu().numpy()[ok], tuple(grey.shape), intrinsics.width, intrinsics.height)
+            again = solve_pnp(positions.cpu().numpy()[ok].astype(np.float64), pixels, intrinsics, pnp)
+            if not again.success:
+                break
+            out = again
+        return out
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

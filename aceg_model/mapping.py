@@ -28,7 +28,8 @@ from aceg_model.heads import CodesHead, MlpHead
 from aceg_model.landmarks import SweepConfig, SweepViews, neighbour_views, sweep_depths
 from aceg_model.losses import ReprojectionLossConfig, pixel_rays, reprojection_nll
 from aceg_model.model import AcegModel, prepare_image
-from aceg_model.photo_depth import GreyViews, PhotoDepthConfig, grey_image, refine_depths
+from aceg_model.photo_depth import (GreyViews, LandmarkWindows, PhotoDepthConfig, grey_image, landmark_windows,
+                                    refine_depths)
 from aceg_model.pixel_refinement import encode_fine, refine_pixels
 
 MAP_KIND = "aceg-map"
@@ -108,12 +109,14 @@ class FineKeys:
 @dataclass
 class SceneMap:
     """A mapped scene: its head (codes or MLP), the map centre (scene coords are relative to it)
-    and, for landmark maps seeded by a fine plane sweep, the landmarks' fine keys."""
+    and, for landmark maps seeded by a fine plane sweep, the landmarks' fine keys and, where the
+    sweep's depths were sharpened on the raw pixels, the landmarks' grey windows."""
 
     head: torch.nn.Module
     centre_3: np.ndarray
     meta: dict = field(default_factory=dict)
     fine: FineKeys | None = None
+    windows: LandmarkWindows | None = None
 
     @property
     def method(self) -> str:
@@ -149,9 +152,16 @@ class SceneMap:
         tensors["centre"] = torch.as_tensor(self.centre_3, dtype=torch.float64)
         meta = {**self.meta, "method": self.method}
         meta.pop("fine_scale", None)
+        meta.pop("window_radius_px", None)
+        meta.pop("window_scale", None)
         if self.fine is not None:
             tensors["fine_keys"] = self.fine.keys_MK.detach().to("cpu", torch.float16).contiguous()
             meta["fine_scale"] = self.fine.scale
+        if self.windows is not None:
+            tensors["window_grey"] = self.windows.grey_MW.detach().to("cpu", torch.uint8).contiguous()
+            tensors["window_axes"] = self.windows.axes_M23.detach().to("cpu", torch.float32).contiguous()
+            meta["window_radius_px"] = self.windows.radius_px
+            meta["window_scale"] = self.windows.scale
         save_tensors(path, tensors, meta, kind=MAP_KIND)
 
     @classmethod
@@ -171,11 +181,23 @@ class SceneMap:
             if method != "aceg" or not isinstance(fine_scale, int) or isinstance(fine_scale, bool) or fine_scale < 2:
                 raise ValueError(f"{path}: invalid fine_scale {fine_scale!r} for a {method!r} map")
             shapes["fine_keys"] = (model.config.regressor.n_codes, model.config.regressor.key_dim)
+        radius, window_scale = header.get("window_radius_px"), header.get("window_scale")
+        if radius is not None or window_scale is not None:  # maps made before windows have none
+            if method != "aceg" or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 16
+                                           for v in (radius, window_scale)):
+                raise ValueError(f"{path}: invalid window_radius_px {radius!r} / window_scale {window_scale!r} "
+                                 f"for a {method!r} map")
+            shapes["window_grey"] = (model.config.regressor.n_codes, (2 * radius + 1) ** 2)
+            shapes["window_axes"] = (model.config.regressor.n_codes, 2, 3)
         tensors, meta = load_tensors(path, kind=MAP_KIND, expected_shapes=shapes,
                                      expected_meta={"model_hash": model.model_hash()})
         head.load_scene_tensors({k[5:]: v.to(model.device) for k, v in tensors.items() if k.startswith("head.")})
         fine = None if fine_scale is None else FineKeys(tensors["fine_keys"].to(model.device), fine_scale)
-        return cls(head.eval(), tensors["centre"].numpy().astype(np.float64), meta, fine)
+        windows = None
+        if radius is not None:
+            windows = LandmarkWindows(tensors["window_grey"].to(model.device, torch.uint8),
+                                      tensors["window_axes"].to(model.device, torch.float32), radius, window_scale)
+        return cls(head.eval(), tensors["centre"].numpy().astype(np.float64), meta, fine, windows)
 
 
 @dataclass
@@ -272,12 +294,12 @@ def cache_features(model: AcegModel, frames: Sequence[Frame], centre_3: np.ndarr
 @torch.no_grad()
 def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch.Generator,
                sweep: SweepConfig | None = None, progress: Progress | None = None,
-               photo: PhotoDepthConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               photo: PhotoDepthConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Initial codes from the mapping images alone: patches drawn across all images become
     landmarks, keyed by their own features and placed on their viewing rays. Also returns each
     landmark's fine key (``M x K``, unit) for the query's sub-patch refinement
     (``aceg_model.pixel_refinement``) when the sweep ran at a finer scale than the working one,
-    else None.
+    else None, and the mapping image each landmark was seeded from.
 
     With ``sweep`` each landmark's depth comes from a plane sweep against neighbouring mapping
     views (``aceg_model.landmarks``), and of ``sweep.oversample`` x M candidates the M with the
@@ -314,7 +336,7 @@ def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch
     if sweep is not None and sweep.scale > 1:
         views = cache.sweep_views
         fine_keys_MK = F.normalize(views.sample(img, views.to_sweep_pixels(cache.pixels_N2[sel])), dim=-1)
-    return model.regressor.seed_codes(cache.feats_NF[sel].float(), pos_M3), fine_keys_MK
+    return model.regressor.seed_codes(cache.feats_NF[sel].float(), pos_M3), fine_keys_MK, img
 
 
 def all_candidates(head: CodesHead, feats_NF: torch.Tensor, chunk: int, best_first: bool = False) -> torch.Tensor:
@@ -360,8 +382,9 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
     gen = torch.Generator().manual_seed(cfg.seed)
     t_seed = time.perf_counter()
     if cfg.method == "aceg":
-        codes, fine_keys_MK = seed_codes(model, cache, cfg.loss.target_depth, gen,
-                                         cfg.sweep if cfg.sweep_seeds else None, progress, cfg.photo_depth)
+        codes, fine_keys_MK, seed_images_M = seed_codes(model, cache, cfg.loss.target_depth, gen,
+                                                        cfg.sweep if cfg.sweep_seeds else None, progress,
+                                                        cfg.photo_depth)
         head = CodesHead(model.regressor, codes).train()
         groups = [{"params": [head.keys], "lr": cfg.lr_keys}, {"params": [head.positions], "lr": cfg.lr_positions}]
     else:
@@ -403,6 +426,10 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
     t_opt = time.perf_counter() - t1
     # Round the head to its stored precision, so the map in hand localizes exactly as the file will.
     head.load_scene_tensors({k: v.to(model.device) for k, v in head.scene_tensors().items()})
+    windows = None
+    if cfg.method == "aceg" and cache.grey_views is not None:
+        windows = landmark_windows(cache.grey_views, cache.T_cam_map_I44, seed_images_M, head.positions.detach(),
+                                   cfg.photo_depth.radius_px)
 
     report = MappingReport(cfg.method, len(frames), n, cfg.iterations, loss_val, stats["median_px"],
                            stats["valid"], t_encode, t_seed, t_opt)
@@ -414,7 +441,7 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
         "mapping": asdict(cfg),
         "report": asdict(report),
     }
-    return SceneMap(head.eval(), centre_3, meta, fine), report
+    return SceneMap(head.eval(), centre_3, meta, fine, windows), report
 
 
 def progress_bar(iterations: int, desc: str) -> tuple[Progress, "object"]:

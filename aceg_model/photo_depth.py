@@ -65,7 +65,7 @@ def grey_image(image: np.ndarray, intrinsics: Intrinsics, working_height: int, s
     return image_1HW[0].mul(255.0).round().to(torch.uint8), K
 
 
-def _sample(grey_nHW: torch.Tensor, uv_nP2: torch.Tensor) -> torch.Tensor:
+def sample_grey(grey_nHW: torch.Tensor, uv_nP2: torch.Tensor) -> torch.Tensor:
     """Bilinear samples ``n x P`` of n grey images at pixels (pixel-centre convention)."""
     H, W = grey_nHW.shape[-2:]
     grid = torch.stack([(uv_nP2[..., 0] + 0.5) / W * 2 - 1, (uv_nP2[..., 1] + 0.5) / H * 2 - 1], -1)
@@ -73,7 +73,7 @@ def _sample(grey_nHW: torch.Tensor, uv_nP2: torch.Tensor) -> torch.Tensor:
                          padding_mode="border")[:, 0, :, 0]
 
 
-def _zero_mean_unit(x: torch.Tensor) -> torch.Tensor:
+def zero_mean_unit(x: torch.Tensor) -> torch.Tensor:
     x = x - x.mean(-1, keepdim=True)
     return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)
 
@@ -121,7 +121,7 @@ def refine_depths(views: GreyViews, T_cam_map_I44: torch.Tensor, neigh_In: torch
             rows, d0 = rows[ok], d0[ok]
             c = len(rows)
             win_cW2 = pixels_C2[rows, None] + offsets_W2
-            own_cW = _zero_mean_unit(_sample(grey[img:img + 1], win_cW2.reshape(1, -1, 2)).view(c, n_win))
+            own_cW = zero_mean_unit(sample_grey(grey[img:img + 1], win_cW2.reshape(1, -1, 2)).view(c, n_win))
             # Fronto-parallel windows: every pixel of a window at the same camera depth.
             depths_cD = 1.0 / ((1.0 / d0)[:, None] * (1.0 + rel_D))
             rays_cW3 = F.pad(win_cW2, (0, 1), value=1.0) @ Kinv_I33[img].T
@@ -132,7 +132,7 @@ def refine_depths(views: GreyViews, T_cam_map_I44: torch.Tensor, neigh_In: torch
             uv = uvz[..., :2] / uvz[..., 2:].clamp(min=1e-6)
             seen = ((uv[..., 0] >= 0) & (uv[..., 0] <= W - 1) & (uv[..., 1] >= 0) & (uv[..., 1] <= H - 1)
                     & (uvz[..., 2] > 0.05)).all(-1)  # n x c x D
-            theirs = _zero_mean_unit(_sample(grey[nb], uv.reshape(len(nb), -1, 2)).view(len(nb), c, D, n_win))
+            theirs = zero_mean_unit(sample_grey(grey[nb], uv.reshape(len(nb), -1, 2)).view(len(nb), c, D, n_win))
             ncc = (theirs * own_cW[None, :, None]).sum(-1)
             n_seen = seen.sum(0)
             mean_ncc = torch.where(n_seen >= 2, (ncc * seen).sum(0) / n_seen.clamp(min=1),
@@ -145,3 +145,47 @@ def refine_depths(views: GreyViews, T_cam_map_I44: torch.Tensor, neigh_In: torch
             out[rows] = torch.where(good, refined, d0)
             best_ncc[rows] = torch.where(top > -2.0, top, torch.full_like(top, float("-inf")))
     return out, best_ncc
+
+
+@dataclass
+class LandmarkWindows:
+    """Each landmark's appearance in the mapping image it was seeded from: the grey window around
+    its pixel there (``M x (2r+1)^2`` uint8, row-major from the top-left), and the window's
+    geometry as a fronto-parallel patch at the landmark's depth in that view: the map-frame step
+    of one window pixel along the image's x and y (``M x 2 x 3``). Window pixel (dx, dy) is the
+    3D point ``position + dx * axes[:, 0] + dy * axes[:, 1]``. What the query's photometric
+    refinement (``aceg_model.photometric_refinement``) looks for."""
+
+    grey_MW: torch.Tensor
+    axes_M23: torch.Tensor
+    radius_px: int
+    scale: int  # the grey images' multiple of the working resolution
+
+
+def window_offsets(radius_px: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(2r+1)^2 x 2`` pixel offsets of a window, row-major from the top-left (x fastest)."""
+    ax = torch.arange(-radius_px, radius_px + 1, device=device, dtype=torch.float32)
+    return torch.stack(torch.meshgrid(ax, ax, indexing="xy"), -1).reshape(-1, 2)
+
+
+@torch.no_grad()
+def landmark_windows(views: GreyViews, T_cam_map_I44: torch.Tensor, images_M: torch.Tensor,
+                     positions_M3: torch.Tensor, radius_px: int) -> LandmarkWindows:
+    """The windows of landmarks at ``positions_M3`` (map frame) seeded from mapping images
+    ``images_M``: centred where each landmark projects into its image."""
+    T = T_cam_map_I44[images_M]
+    pts_M3 = torch.einsum("mij,mj->mi", T[:, :3, :3], positions_M3.float()) + T[:, :3, 3]
+    K = views.K_I33[images_M]
+    uvz = torch.einsum("mij,mj->mi", K, pts_M3)
+    centre_M2 = uvz[:, :2] / uvz[:, 2:].clamp(min=1e-6)
+    offsets = window_offsets(radius_px, positions_M3.device)
+    grey = torch.empty(len(positions_M3), len(offsets), dtype=torch.uint8, device=positions_M3.device)
+    for i in images_M.unique().tolist():
+        rows = (images_M == i).nonzero()[:, 0]
+        win = (centre_M2[rows, None] + offsets).reshape(1, -1, 2)
+        grey[rows] = sample_grey(views.grey_IHW[i:i + 1], win).view(len(rows), -1).round().clamp(0, 255).to(torch.uint8)
+    # One pixel step at the landmark's depth z, along the camera's x and y axes, in the map frame.
+    z = pts_M3[:, 2].clamp(min=1e-6)
+    R_map_cam = T[:, :3, :3].transpose(1, 2)
+    axes = torch.stack([R_map_cam[:, :, 0] * (z / K[:, 0, 0])[:, None], R_map_cam[:, :, 1] * (z / K[:, 1, 1])[:, None]], 1)
+    return LandmarkWindows(grey, axes, radius_px, views.scale)

@@ -96,11 +96,27 @@ class PnPConfig:
     # 10cm/10deg: 69.4 / 86.9 % without, 78.1 / 90.9 % with, same maps (models/README.md).
     refine_pixels: bool = True
     refine_window_px: int = 6
+    # Once a pose is accepted, place each inlier's landmark by its raw grey window where maps
+    # carry them (``aceg_model.photometric_refinement``): the window, projected with the pose, is
+    # slid within photometric_search_px pixels of the map's window resolution (2x the working
+    # one) for the best NCC, and PnP runs again on these observations, photometric_iterations
+    # times (the search after the first at 2 px: the pose is close by then). Observations with
+    # a best NCC below photometric_min_ncc are left out; the pose stays as it was if the new
+    # one has fewer than min_inliers inliers.
+    photometric_refinement: bool = True
+    photometric_search_px: int = 6
+    photometric_iterations: int = 2
+    photometric_min_ncc: float = 0.5
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.refine_window_px < 1:
             raise ValueError(f"refine_window_px must be >= 1 px, got {self.refine_window_px}")
+        if self.photometric_search_px < 1 or self.photometric_iterations < 1:
+            raise ValueError(f"photometric_search_px and photometric_iterations must be >= 1, got "
+                             f"{self.photometric_search_px}, {self.photometric_iterations}")
+        if not -1.0 <= self.photometric_min_ncc < 1.0:
+            raise ValueError(f"photometric_min_ncc must be in [-1, 1), got {self.photometric_min_ncc}")
         if not (np.isfinite(self.threshold_px) and self.threshold_px > 0):
             raise ValueError(f"threshold_px must be > 0 px, got {self.threshold_px}")
         if not (np.isfinite(self.refined_threshold_px) and self.refined_threshold_px > 0):

@@ -92,6 +92,8 @@ PARAMETERS: tuple[Spec, ...] = (
          "encoding the image again at the map's fine scale"),
     Spec("pnp.refine_window_px", 6, "how far the refinement searches around the patch centre, in pixels of "
          "the model's working resolution (240 px high) [px]", range=(1, 32)),
+    Spec("pnp.photometric_refinement", True, "once a pose is accepted, place its inliers' landmarks by their grey "
+         "windows (NCC) where the map carries them (mapped with mapping.photo_depth) and solve again"),
     # Outputs.
     Spec("path.max_poses", 1000, "length of the trajectory (nav_msgs/Path) on 'path'; 0 = no path [poses]",
          range=(0, 100_000)),
@@ -138,7 +140,8 @@ _PNP_FIELDS = {"pnp.threshold_px": "threshold_px", "pnp.refined_threshold_px": "
                "pnp.reference_height_px": "reference_height_px",
                "pnp.min_inliers": "min_inliers", "pnp.top_k": "top_k",
                "pnp.max_uncertainty": "max_uncertainty", "pnp.max_iterations": "max_iterations",
-               "pnp.refine_pixels": "refine_pixels", "pnp.refine_window_px": "refine_window_px"}
+               "pnp.refine_pixels": "refine_pixels", "pnp.refine_window_px": "refine_window_px",
+               "pnp.photometric_refinement": "photometric_refinement"}
 
 
 def descriptor(spec: Spec) -> ParameterDescriptor:
@@ -221,4 +224,5 @@ def pnp_config(values: dict[str, Any]) -> PnPConfig:
         min_iterations=min(PnPConfig.min_iterations, int(v["pnp.max_iterations"])),
         refine_pixels=bool(v["pnp.refine_pixels"]),
         refine_window_px=int(v["pnp.refine_window_px"]),
+        photometric_refinement=bool(v["pnp.photometric_refinement"]),
     )

@@ -228,14 +228,20 @@ def test_map_file_round_trips_and_refuses_another_model(model: AcegModel, tmp_pa
     # The landmarks' fine keys (the sweep ran at 3x) come back with their scale.
     assert scene_map.fine is not None and loaded.fine.scale == scene_map.fine.scale == 3
     assert torch.equal(loaded.fine.keys_MK, scene_map.fine.keys_MK)
+    # So do the landmarks' grey windows (the sweep's depths were sharpened on the raw pixels).
+    assert scene_map.windows is not None and loaded.windows.radius_px == scene_map.windows.radius_px
+    assert loaded.windows.scale == scene_map.windows.scale == 2
+    assert torch.equal(loaded.windows.grey_MW, scene_map.windows.grey_MW)
+    assert torch.equal(loaded.windows.axes_M23, scene_map.windows.axes_M23)
     other = AcegModel(model.config)
     with pytest.raises(ValueError, match="model_hash"):
         SceneMap.load(path, other)
 
 
 def test_map_file_with_bad_fine_keys_is_refused(model: AcegModel, tmp_path) -> None:
-    """A map whose header announces fine keys it lacks, or a fine scale that is not one, is refused
-    by name; the same map without the announcement loads (maps made before fine keys)."""
+    """A map whose header announces fine keys or windows it lacks, or a fine scale or window radius
+    that is not one, is refused by name; the same map without the announcements loads (maps made
+    before fine keys and windows)."""
     from aceg_model.safe_files import load_tensors, save_tensors
 
     scene_map, _ = map_scene(model, synthetic_frames(3), MappingConfig(iterations=2, batch_patches=256))
@@ -249,9 +255,18 @@ def test_map_file_with_bad_fine_keys_is_refused(model: AcegModel, tmp_path) -> N
     save_tensors(tmp_path / "scale.map", tensors, {**meta, "fine_scale": "3"}, kind="aceg-map")
     with pytest.raises(ValueError, match="invalid fine_scale '3'"):
         SceneMap.load(tmp_path / "scale.map", model)
-    old_style = {k: v for k, v in meta.items() if k != "fine_scale"}
-    save_tensors(tmp_path / "old.map", without, old_style, kind="aceg-map")
-    assert SceneMap.load(tmp_path / "old.map", model).fine is None
+    no_grey = {k: v for k, v in tensors.items() if k != "window_grey"}
+    save_tensors(tmp_path / "no_grey.map", no_grey, meta, kind="aceg-map")
+    with pytest.raises(ValueError, match="missing \\['window_grey'\\]"):
+        SceneMap.load(tmp_path / "no_grey.map", model)
+    save_tensors(tmp_path / "radius.map", tensors, {**meta, "window_radius_px": 0}, kind="aceg-map")
+    with pytest.raises(ValueError, match="invalid window_radius_px 0"):
+        SceneMap.load(tmp_path / "radius.map", model)
+    old_style = {k: v for k, v in meta.items() if k not in ("fine_scale", "window_radius_px", "window_scale")}
+    oldest = {k: v for k, v in without.items() if not k.startswith("window_")}
+    save_tensors(tmp_path / "old.map", oldest, old_style, kind="aceg-map")
+    old = SceneMap.load(tmp_path / "old.map", model)
+    assert old.fine is None and old.windows is None
 
 
 def test_model_file_round_trips(model: AcegModel, tmp_path) -> None:

@@ -75,7 +75,9 @@ def test_sub_patch_refinement_moves_pixels_to_where_their_landmarks_are_seen(map
     of it), and the localizer reports the stage's time."""
     model, scene_map, _, scene = mapped
     assert scene_map.fine is not None and scene_map.fine.scale == MappingConfig().sweep.scale
-    centres, refined = Localizer(model, scene_map, PnPConfig(refine_pixels=False)), Localizer(model, scene_map)
+    # Without the photometric step, so the poses come from these correspondences alone.
+    centres = Localizer(model, scene_map, PnPConfig(refine_pixels=False, photometric_refinement=False))
+    refined = Localizer(model, scene_map, PnPConfig(photometric_refinement=False))
     assert refined.refines_pixels and not centres.refines_pixels
     err_centre, err_refined = [], []
     for frame in scene.queries["lighting"]:

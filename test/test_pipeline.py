@@ -100,6 +100,27 @@ def test_sub_patch_refinement_moves_pixels_to_where_their_landmarks_are_seen(map
     assert med_r < 0.8 * med_c, (med_r, med_c)
 
 
+def test_photometric_refinement_sharpens_the_poses(mapped) -> None:
+    """The map carries the landmarks' grey windows; solving again on where they match in the query
+    brings the relit queries' poses closer to the truth than the patch correspondences alone, and
+    the localizer reports the stage's time."""
+    model, scene_map, _, scene = mapped
+    assert scene_map.windows is not None and scene_map.windows.scale == MappingConfig().photo_depth.scale
+    plain = Localizer(model, scene_map, PnPConfig(photometric_refinement=False))
+    photometric = Localizer(model, scene_map)
+    assert photometric.refines_photometrically and not plain.refines_photometrically
+    errors = {"plain": [], "photometric": []}
+    for frame in scene.queries["lighting"]:
+        for name, loc in (("plain", plain), ("photometric", photometric)):
+            res = loc.localize(frame.image, frame.intrinsics)
+            assert res.success, (name, res.reason)
+            errors[name].append(pose_error(res.T_world_cam, frame.T_world_cam)[0])
+            assert ("photometric" in res.timings_ms) == (name == "photometric")
+    before, after = np.median(errors["plain"]), np.median(errors["photometric"])
+    print(f"median translation error: patch correspondences {100 * before:.2f} cm, photometric {100 * after:.2f} cm")
+    assert after < 0.8 * before and after < 0.01, (after, before)
+
+
 def test_uncertainty_ranks_correspondences(mapped) -> None:
     """The most certain quarter of the regressed points holds more inliers (under the true pose) than all."""
     model, scene_map, _, scene = mapped

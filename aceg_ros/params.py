@@ -126,7 +126,7 @@ PARAMETERS: tuple[Spec, ...] = (
          "and memory (mapping 500 frames of 640x480 peaked at 2.7 GB at 3, 1.6 GB at 1); lower it if memory is short",
          CALL, range=(1, 4)),  # aceg_model.landmarks.MAX_SWEEP_SCALE, not imported: it would load torch here
     Spec("mapping.photo_depth", True, "sharpen the plane sweep's landmark depths by normalized "
-         "cross-correlation of the mapping images' raw pixels (about 20 s more for 500 frames on a 2-core CPU)",
+         "cross-correlation of the mapping images' raw pixels, and keep each landmark's grey window in the map for pnp.photometric_refinement (about 20-25 s more per map on a 2-core CPU)",
          CALL),
     Spec("mapping.method", "aceg", "aceg = optimize map codes of the pre-trained regressor; ace = the "
          "per-scene MLP baseline", CALL, choices=MAPPING_METHODS),

@@ -19,9 +19,9 @@ from aceg_model.encoder import patch_centres
 from aceg_model.frames import Intrinsics
 from aceg_model.geometry import invert
 from aceg_model.mapping import SceneMap
-from aceg_model.model import AcegModel, prepare_image
+from aceg_model.model import AcegModel, prepare_image, to_original_pixels
 from aceg_model.photo_depth import grey_image
-from aceg_model.photometric_refinement import refine_observations, to_original_pixels
+from aceg_model.photometric_refinement import refine_observations
 from aceg_model.pixel_refinement import encode_fine, refine_pixels
 from aceg_model.pnp import PnPConfig, PnPResult, refine_with_candidates, solve_pnp
 
@@ -102,11 +102,7 @@ class Localizer:
                                       self.pnp.refine_window_px)
             self._sync()
             timings["refine_pixels"] = 1e3 * (time.perf_counter() - t2)
-        # Working-resolution pixels back to original-image pixels (inverse of prepare_image's scaling).
-        pix_P2 = pix_P2.cpu().numpy().astype(np.float64)
-        sx, sy = K_work.width / intrinsics.width, K_work.height / intrinsics.height
-        pix_P2[:, 0] = (pix_P2[:, 0] + 0.5) / sx - 0.5
-        pix_P2[:, 1] = (pix_P2[:, 1] + 0.5) / sy - 0.5
+        pix_P2 = to_original_pixels(pix_P2.cpu().numpy(), K_work, intrinsics)
         candidates = None
         if with_candidates and candidates_Pk is not None:
             candidates = self.scene_map.landmark_positions(candidates_Pk).float().cpu().numpy().astype(np.float64)
@@ -139,6 +135,7 @@ class Localizer:
         windows, pnp = self.scene_map.windows, self.pnp_config()
         ids = torch.as_tensor(np.unique(best_N[res.inlier_mask]), device=self.device)
         positions = self.scene_map.landmark_positions(ids).float()
+        positions_N3 = positions.cpu().numpy().astype(np.float64)
         grey, K = grey_image(image, intrinsics, self.model.config.image_height, windows.scale)
         grey, K_33 = grey.to(self.device), torch.as_tensor(K.K, dtype=torch.float32, device=self.device)
         out = res
@@ -150,8 +147,8 @@ class Localizer:
             ok = ok.cpu().numpy()
             if ok.sum() < pnp.min_inliers:
                 break
-            pixels = to_original_pixels(pix.cpu().numpy()[ok], tuple(grey.shape), intrinsics.width, intrinsics.height)
-            again = solve_pnp(positions.cpu().numpy()[ok].astype(np.float64), pixels, intrinsics, pnp)
+            pixels_N2 = to_original_pixels(pix.cpu().numpy()[ok], K, intrinsics)
+            again = solve_pnp(positions_N3[ok], pixels_N2, intrinsics, pnp)
             if not again.success:
                 break
             out = again

@@ -90,6 +90,16 @@ def prepare_image(image: np.ndarray, intrinsics: Intrinsics, target_height: int)
     return torch.from_numpy(small).float().div_(255.0).unsqueeze(0), intrinsics.resized(w, h)
 
 
+def to_original_pixels(pixels_N2: np.ndarray, resized: Intrinsics, original: Intrinsics) -> np.ndarray:
+    """Pixels of an image resized by ``prepare_image`` (intrinsics ``resized``) -> pixels of the
+    original image (pixel-centre convention, per axis)."""
+    sx, sy = resized.width / original.width, resized.height / original.height
+    out = np.asarray(pixels_N2, dtype=np.float64).copy()
+    out[:, 0] = (out[:, 0] + 0.5) / sx - 0.5
+    out[:, 1] = (out[:, 1] + 0.5) / sy - 0.5
+    return out
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is an error."""
     if device == "auto":

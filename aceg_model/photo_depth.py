@@ -65,6 +65,12 @@ def grey_image(image: np.ndarray, intrinsics: Intrinsics, working_height: int, s
     return image_1HW[0].mul(255.0).round().to(torch.uint8), K
 
 
+def window_offsets(radius_px: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(2r+1)^2 x 2`` pixel offsets of a window, row-major from the top-left (x fastest)."""
+    ax = torch.arange(-radius_px, radius_px + 1, device=device, dtype=torch.float32)
+    return torch.stack(torch.meshgrid(ax, ax, indexing="xy"), -1).reshape(-1, 2)
+
+
 def sample_grey(grey_nHW: torch.Tensor, uv_nP2: torch.Tensor) -> torch.Tensor:
     """Bilinear samples ``n x P`` of n grey images at pixels (pixel-centre convention)."""
     H, W = grey_nHW.shape[-2:]
@@ -91,9 +97,7 @@ def refine_depths(views: GreyViews, T_cam_map_I44: torch.Tensor, neigh_In: torch
     device = depth_C.device
     grey = views.grey_IHW
     H, W = grey.shape[-2:]
-    r = cfg.radius_px
-    ax = torch.arange(-r, r + 1, device=device, dtype=torch.float32)
-    offsets_W2 = torch.stack(torch.meshgrid(ax, ax, indexing="xy"), -1).reshape(-1, 2)
+    offsets_W2 = window_offsets(cfg.radius_px, device)
     n_win, D = len(offsets_W2), cfg.n_depths
     rel_D = torch.linspace(-cfg.span, cfg.span, D, device=device)
     pixels_C2 = scaled_pixels(pixels_C2, views.scale)
@@ -160,12 +164,6 @@ class LandmarkWindows:
     axes_M23: torch.Tensor
     radius_px: int
     scale: int  # the grey images' multiple of the working resolution
-
-
-def window_offsets(radius_px: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``(2r+1)^2 x 2`` pixel offsets of a window, row-major from the top-left (x fastest)."""
-    ax = torch.arange(-radius_px, radius_px + 1, device=device, dtype=torch.float32)
-    return torch.stack(torch.meshgrid(ax, ax, indexing="xy"), -1).reshape(-1, 2)
 
 
 @torch.no_grad()

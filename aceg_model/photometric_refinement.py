@@ -11,7 +11,6 @@ the geometry the pose predicts, place it to a fraction of a pixel.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from aceg_model.photo_depth import LandmarkWindows, sample_grey, zero_mean_unit, window_offsets
@@ -23,8 +22,7 @@ def _ncc_at_shifts(template_LW: torch.Tensor, grey_HW: torch.Tensor, uv_LW2: tor
     """NCC ``L x n x n`` of each landmark's (zero-mean unit) template with the query sampled at its
     projected window shifted by ``centres_L2 + (i, j) * step`` pixels, i and j in -radius..radius."""
     L = len(uv_LW2)
-    ax = torch.arange(-radius, radius + 1, device=uv_LW2.device, dtype=torch.float32) * step
-    shifts_S2 = torch.stack(torch.meshgrid(ax, ax, indexing="xy"), -1).reshape(-1, 2)
+    shifts_S2 = window_offsets(radius, uv_LW2.device) * step
     where = uv_LW2[:, None] + (centres_L2[:, None] + shifts_S2[None])[:, :, None]
     samples = sample_grey(grey_HW[None], where.reshape(1, -1, 2)).view(L, len(shifts_S2), -1)
     return (zero_mean_unit(samples) * template_LW[:, None]).sum(-1).view(L, 2 * radius + 1, 2 * radius + 1)
@@ -76,12 +74,3 @@ def refine_observations(windows: LandmarkWindows, ids_L: torch.Tensor, positions
     # The window's centre pixel is the landmark itself.
     centre = uv_LW2[:, len(offsets) // 2]
     return centre + torch.stack([dx, dy], 1), in_front & interior & (best > min_ncc)
-
-
-def to_original_pixels(pixels_L2: np.ndarray, grey_hw: tuple[int, int], width: int, height: int) -> np.ndarray:
-    """Pixels of the grey query (resized) -> pixels of the original image (pixel-centre convention)."""
-    sx, sy = grey_hw[1] / width, grey_hw[0] / height
-    out = np.asarray(pixels_L2, dtype=np.float64).copy()
-    out[:, 0] = (out[:, 0] + 0.5) / sx - 0.5
-    out[:, 1] = (out[:, 1] + 0.5) / sy - 0.5
-    return out

@@ -24,6 +24,7 @@ from aceg_model.localizer import Localizer
 from aceg_model.mapping import METHODS, MappingConfig, SceneMap, map_scene, progress_bar
 from aceg_model.metrics import accuracy_summary
 from aceg_model.model import AcegModel, pick_device
+from aceg_model.lens import LensConfig
 from aceg_model.photo_depth import PhotoDepthConfig
 from aceg_model.pnp import PnPConfig
 
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="seed every landmark at the loss's target depth instead of plane-sweeping (ablation)")
     p.add_argument("--no-photo-depth", action="store_true",
                    help="keep the plane sweep's landmark depths (no NCC sharpening on the raw pixels; ablation)")
+    p.add_argument("--no-lens-estimate", action="store_true",
+                   help="treat the camera as pinhole (do not estimate and remove its radial lens distortion; ablation)")
     p.add_argument("--top-k", type=int, default=PnPConfig.top_k,
                    help="PnP prefilter: keep the k most certain correspondences; 0 = all")
     p.add_argument("--no-refine-pixels", action="store_true",
@@ -134,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                sweep_seeds=not args.fixed_depth_seeds,
                                                                sweep=SweepConfig(scale=args.sweep_scale),
                                                                photo_depth=PhotoDepthConfig(
-                                                                   enabled=not args.no_photo_depth)), progress)
+                                                                   enabled=not args.no_photo_depth),
+                                                               lens=LensConfig(estimate=not args.no_lens_estimate)),
+                                      progress)
         bar.close()
         mapping_seconds = time.perf_counter() - t0
         if args.save_map:
@@ -143,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                                                       photometric_refinement=not args.no_photometric))
     result = {"method": args.method, "data": str(args.data), "model": str(args.model), "device": str(device),
               "n_mapping": len(mapping), "mapping_seconds": mapping_seconds,
-              "refine_pixels": localizer.refines_pixels, "photometric": localizer.refines_photometrically}
+              "refine_pixels": localizer.refines_pixels, "photometric": localizer.refines_photometrically,
+              "lens": None if scene_map.lens is None else scene_map.lens.to_meta()}
     result.update(evaluate_queries(localizer, queries))
     if args.perturb is not None:
         result["perturbed"] = {}
@@ -156,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     refined = "pixels refined within their patches" if localizer.refines_pixels else "patch-centre pixels"
     if localizer.refines_photometrically:
         refined += ", poses refined on the landmarks' grey windows"
-    print(f"{args.method}: mapping {mapping_seconds:.0f} s, {len(queries)} queries, {refined}")
+    lens = scene_map.lens
+    lens_text = ("pinhole camera" if lens is None else
+                 f"lens distortion k1={lens.distortion.k1:.3f} k2={lens.distortion.k2:.3f} removed")
+    print(f"{args.method}: mapping {mapping_seconds:.0f} s, {len(queries)} queries, {refined}, {lens_text}")
     for name, r in rows:
         print(f"  {name:12s} 5cm/5deg {r['pct_5cm_5deg']:5.1f}%  10cm/10deg {r['pct_10cm_10deg']:5.1f}%  "
               f"median {r['median_trans_cm']:.1f} cm / {r['median_rot_deg']:.2f} deg  failed {r['n_failed']}  "

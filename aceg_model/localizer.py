@@ -1,5 +1,6 @@
 """Localization: one image in, a camera pose with covariance out (or a clear refusal).
 
+remove the mapping camera's lens distortion, if mapping found one (``aceg_model.lens``) ->
 encode -> regress scene coordinates + uncertainty for every patch ->
 refine each patch's pixel to where its landmark lies (``aceg_model.pixel_refinement``) ->
 prefilter by uncertainty -> robust PnP (poselib RANSAC + refinement) ->
@@ -54,7 +55,9 @@ class Localizer:
     def regress(self, image: np.ndarray, intrinsics: Intrinsics) -> tuple[np.ndarray, np.ndarray, np.ndarray, Intrinsics, dict]:
         """Scene coordinates (N x 3, map frame), log sigma (N), pixels (N x 2, original image;
         refined within their patches when ``pnp.refine_pixels`` and the map has fine keys) and timings."""
+        image, t_lens = self._undistorted(image, intrinsics)
         coords, log_sigma, pixels, K_work, timings, _, _ = self._regress(image, intrinsics, with_candidates=False)
+        timings.update(t_lens)
         return coords, log_sigma, pixels, K_work, timings
 
     @property
@@ -110,9 +113,19 @@ class Localizer:
         return (coords_P3.float().cpu().numpy().astype(np.float64), log_sigma_P.float().cpu().numpy(),
                 pix_P2, K_work, timings, candidates, best)
 
+    def _undistorted(self, image: np.ndarray, intrinsics: Intrinsics) -> tuple[np.ndarray, dict[str, float]]:
+        """The image without the mapping camera's lens distortion, and its timing (none if nothing to do)."""
+        if self.scene_map.lens is None or not self.scene_map.lens.applies_to(intrinsics):
+            return image, {}
+        t0 = time.perf_counter()
+        image = self.scene_map.undistort_query(image, intrinsics)
+        return image, {"undistort": 1e3 * (time.perf_counter() - t0)}
+
     def localize(self, image: np.ndarray, intrinsics: Intrinsics) -> LocalizationResult:
+        image, t_lens = self._undistorted(image, intrinsics)
         coords, log_sigma, pixels, _, timings, candidates, best = self._regress(
             image, intrinsics, with_candidates=self.pnp.guided_refinement)
+        timings.update(t_lens)
         pnp = self.pnp_config()
         res = solve_pnp(coords, pixels, intrinsics, pnp, uncertainty_N=np.exp(log_sigma))
         if candidates is not None:

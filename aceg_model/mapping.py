@@ -25,6 +25,9 @@ from aceg_model.encoder import patch_centres
 from aceg_model.frames import Frame
 from aceg_model.geometry import invert
 from aceg_model.heads import CodesHead, MlpHead
+from aceg_model.frames import Intrinsics
+from aceg_model.lens import ImageUndistorter, LensConfig, LensEstimate, RadialDistortion, UndistortedFrames, \
+    estimate_distortion, frame_pose
 from aceg_model.landmarks import SweepConfig, SweepViews, neighbour_views, sweep_depths
 from aceg_model.losses import ReprojectionLossConfig, pixel_rays, reprojection_nll
 from aceg_model.model import AcegModel, prepare_image
@@ -70,6 +73,9 @@ class MappingConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     # The sweep's depths sharpened by NCC of the mapping images' raw pixels (``photo_depth``).
     photo_depth: PhotoDepthConfig = field(default_factory=PhotoDepthConfig)
+    # The lens's radial distortion, estimated from the posed mapping images and removed from
+    # them and from the queries (``aceg_model.lens``); zero for a pinhole camera.
+    lens: LensConfig = field(default_factory=LensConfig)
     loss: ReprojectionLossConfig = field(default_factory=ReprojectionLossConfig)
 
     def __post_init__(self) -> None:
@@ -106,17 +112,56 @@ class FineKeys:
     scale: int
 
 
+@dataclass(frozen=True)
+class MappingLens:
+    """The radial distortion mapping found for its camera: removed from query images of that
+    camera (same intrinsics) before they are localized."""
+
+    camera: Intrinsics
+    distortion: RadialDistortion
+
+    def to_meta(self) -> dict:
+        c = self.camera
+        return {"k1": self.distortion.k1, "k2": self.distortion.k2,
+                "camera": [c.fx, c.fy, c.cx, c.cy, c.width, c.height]}
+
+    @classmethod
+    def from_meta(cls, meta: dict, path) -> "MappingLens":
+        try:
+            fx, fy, cx, cy, w, h = meta["camera"]
+            lens = cls(Intrinsics(float(fx), float(fy), float(cx), float(cy), int(w), int(h)),
+                       RadialDistortion(float(meta["k1"]), float(meta["k2"])))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: invalid lens metadata {meta!r}: {e}") from None
+        if max(abs(lens.distortion.k1), abs(lens.distortion.k2)) > 1.0:
+            raise ValueError(f"{path}: lens distortion {lens.distortion} is out of range (|k| <= 1)")
+        return lens
+
+    def applies_to(self, intrinsics: Intrinsics) -> bool:
+        return intrinsics == self.camera
+
+
 @dataclass
 class SceneMap:
     """A mapped scene: its head (codes or MLP), the map centre (scene coords are relative to it)
     and, for landmark maps seeded by a fine plane sweep, the landmarks' fine keys and, where the
-    sweep's depths were sharpened on the raw pixels, the landmarks' grey windows."""
+    sweep's depths were sharpened on the raw pixels, the landmarks' grey windows; where mapping
+    found its camera's lens distorted, that distortion (``lens``)."""
 
     head: torch.nn.Module
     centre_3: np.ndarray
     meta: dict = field(default_factory=dict)
     fine: FineKeys | None = None
     windows: LandmarkWindows | None = None
+    lens: MappingLens | None = None
+    _undistort: ImageUndistorter = field(default_factory=ImageUndistorter, repr=False, compare=False)
+
+    def undistort_query(self, image: np.ndarray, intrinsics: Intrinsics) -> np.ndarray:
+        """``image`` with the mapping camera's lens distortion removed, if it is that camera
+        (same intrinsics); other cameras' images are returned as they are."""
+        if self.lens is None or not self.lens.applies_to(intrinsics):
+            return image
+        return self._undistort(image, intrinsics, self.lens.distortion)
 
     @property
     def method(self) -> str:
@@ -154,6 +199,9 @@ class SceneMap:
         meta.pop("fine_scale", None)
         meta.pop("window_radius_px", None)
         meta.pop("window_scale", None)
+        meta.pop("lens", None)
+        if self.lens is not None:
+            meta["lens"] = self.lens.to_meta()
         if self.fine is not None:
             tensors["fine_keys"] = self.fine.keys_MK.detach().to("cpu", torch.float16).contiguous()
             meta["fine_scale"] = self.fine.scale
@@ -197,7 +245,8 @@ class SceneMap:
         if radius is not None:
             windows = LandmarkWindows(tensors["window_grey"].to(model.device, torch.uint8),
                                       tensors["window_axes"].to(model.device, torch.float32), radius, window_scale)
-        return cls(head.eval(), tensors["centre"].numpy().astype(np.float64), meta, fine, windows)
+        lens = None if meta.get("lens") is None else MappingLens.from_meta(meta["lens"], path)
+        return cls(head.eval(), tensors["centre"].numpy().astype(np.float64), meta, fine, windows, lens)
 
 
 @dataclass
@@ -212,10 +261,11 @@ class MappingReport:
     seconds_encode: float
     seconds_seed: float  # placing the landmarks (plane sweep); 0 for the MLP baseline
     seconds_optimize: float
+    lens: LensEstimate | None = None  # None when the estimate was switched off
 
     @property
     def seconds(self) -> float:
-        return self.seconds_encode + self.seconds_seed + self.seconds_optimize
+        return self.seconds_encode + self.seconds_seed + self.seconds_optimize + (self.lens.seconds if self.lens else 0)
 
 
 @dataclass
@@ -371,7 +421,19 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
     model.eval().requires_grad_(False)
     # The map frame is the scene frame shifted to the mean camera centre, so the
     # head works with room-sized offsets whatever the scene's origin.
-    centre_3 = np.mean([frames[i].T_world_cam[:3, 3] for i in range(len(frames))], axis=0)
+    centre_3 = np.mean([frame_pose(frames, i)[:3, 3] for i in range(len(frames))], axis=0)
+
+    lens_estimate, lens = None, None
+    if cfg.lens.estimate:
+        if progress:
+            progress("lens", 0, 1, {})
+        lens_estimate = estimate_distortion(frames, cfg.lens)
+        if progress:
+            progress("lens", 1, 1, {"k1": lens_estimate.distortion.k1, "k2": lens_estimate.distortion.k2,
+                                    "reason": lens_estimate.reason})
+        if lens_estimate.accepted:
+            lens = MappingLens(frames[0].intrinsics, lens_estimate.distortion)
+            frames = UndistortedFrames(frames, lens.distortion)
 
     t0 = time.perf_counter()
     sweep_scale = cfg.sweep.scale if cfg.method == "aceg" and cfg.sweep_seeds else None
@@ -432,7 +494,7 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
                                    cfg.photo_depth.radius_px)
 
     report = MappingReport(cfg.method, len(frames), n, cfg.iterations, loss_val, stats["median_px"],
-                           stats["valid"], t_encode, t_seed, t_opt)
+                           stats["valid"], t_encode, t_seed, t_opt, lens_estimate)
     meta = {
         "model_hash": model.model_hash(),
         "scene_frame": "map: the mapping poses' world frame; scene coords = centre + head output (m)",
@@ -441,7 +503,7 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
         "mapping": asdict(cfg),
         "report": asdict(report),
     }
-    return SceneMap(head.eval(), centre_3, meta, fine, windows), report
+    return SceneMap(head.eval(), centre_3, meta, fine, windows, lens), report
 
 
 def progress_bar(iterations: int, desc: str) -> tuple[Progress, "object"]:

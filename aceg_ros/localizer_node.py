@@ -849,6 +849,7 @@ class AcegLocalizer(LifecycleNode):
 
     def _run_mapping(self, job: _MappingJob) -> None:
         from aceg_model.landmarks import SweepConfig
+        from aceg_model.lens import LensConfig, lens_summary
         from aceg_model.localizer import Localizer
         from aceg_model.mapping import MappingConfig, map_scene
         from aceg_model.photo_depth import PhotoDepthConfig
@@ -886,7 +887,8 @@ class AcegLocalizer(LifecycleNode):
             cfg = MappingConfig(method=v["mapping.method"], iterations=v["mapping.iterations"],
                                 batch_patches=v["mapping.batch_patches"],
                                 sweep=SweepConfig(scale=v["mapping.sweep_scale"]),
-                                photo_depth=PhotoDepthConfig(enabled=v["mapping.photo_depth"]))
+                                photo_depth=PhotoDepthConfig(enabled=v["mapping.photo_depth"]),
+                                lens=LensConfig(estimate=v["mapping.estimate_lens"]))
             scene_map, rep = map_scene(self._model, frames, cfg, progress)
             out = Path(job.output).expanduser()
             progress("writing", 0, 1, {})
@@ -903,7 +905,9 @@ class AcegLocalizer(LifecycleNode):
             job.success = True
             job.message = (f"mapped {rep.n_frames} frames ({dropped}) with {rep.method}, {rep.iterations} "
                            f"iterations in {time.monotonic() - t0:.1f} s: final loss {rep.final_loss:.4g}, "
-                           f"median reprojection {rep.final_median_px:.1f} px; wrote {out} and swapped it in")
+                           f"median reprojection {rep.final_median_px:.1f} px; lens: "
+                           f"{'not estimated' if rep.lens is None else lens_summary(rep.lens)}; "
+                           f"wrote {out} and swapped it in")
         except _MappingCancelled:
             job.success, job.message = False, "mapping cancelled (node cleaned up or shut down); no map written"
         except Exception as e:  # noqa: BLE001 - reported to the caller, never fatal to the node

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from aceg_model.landmarks import MAX_SWEEP_SCALE, SweepConfig
+from aceg_model.lens import LensConfig, lens_summary
 from aceg_model.mapping import METHODS, MappingConfig, map_scene, progress_bar
 from aceg_model.model import AcegModel, pick_device
 from aceg_model.photo_depth import PhotoDepthConfig
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"(1-{MAX_SWEEP_SCALE}; encoding time and memory grow with scale^2)")
     p.add_argument("--no-photo-depth", action="store_true",
                    help="keep the plane sweep's landmark depths (no NCC sharpening on the raw pixels)")
+    p.add_argument("--no-lens-estimate", action="store_true",
+                   help="treat the camera as pinhole: do not estimate its radial lens distortion from the posed images")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = p.parse_args(argv)
     if args.iterations <= 0:
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         scene_map, report = map_scene(model, frames, MappingConfig(method=args.method, iterations=args.iterations,
                                                                   sweep=SweepConfig(scale=args.sweep_scale),
                                                                   photo_depth=PhotoDepthConfig(
-                                                                      enabled=not args.no_photo_depth)),
+                                                                      enabled=not args.no_photo_depth),
+                                                                  lens=LensConfig(estimate=not args.no_lens_estimate)),
                                       progress)
         bar.close()
         scene_map.save(args.out)
@@ -79,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out}: {report.n_frames} frames, {report.iterations} iterations, final loss "
           f"{report.final_loss:.3f}, median reprojection {report.final_median_px:.1f} px, "
           f"{time.perf_counter() - t0:.0f} s")
+    if report.lens is not None:
+        print(f"lens: {lens_summary(report.lens)}")
     return 0
 
 

@@ -128,6 +128,10 @@ PARAMETERS: tuple[Spec, ...] = (
     Spec("mapping.photo_depth", True, "sharpen the plane sweep's landmark depths by normalized "
          "cross-correlation of the mapping images' raw pixels, and keep each landmark's grey window in the map for pnp.photometric_refinement (about 20-25 s more per map on a 2-core CPU)",
          CALL),
+    Spec("mapping.estimate_lens", True, "estimate the camera's radial lens distortion from the mapping "
+         "images and their poses (epipolar agreement of SIFT matches), keep it only if it helps image pairs it "
+         "was not fitted on, and remove it from mapping and query images; what camera_info's own distortion "
+         "(see undistort) leaves, usually nothing (about 5-10 s per map)", CALL),
     Spec("mapping.method", "aceg", "aceg = optimize map codes of the pre-trained regressor; ace = the "
          "per-scene MLP baseline", CALL, choices=MAPPING_METHODS),
 )

@@ -1,0 +1,310 @@
+"""Radial lens distortion: estimated from the posed mapping images, removed from every image.
+
+Mapping treats images as pinhole. A lens that bends rays (barrel or pincushion) moves a point
+seen near the image border by several pixels: with k1 = -0.09 at f = 525 px, 10 px at 330 px from
+the centre. Landmarks seeded there sit off their true rays, and a query that sees them nearer its
+centre (the camera turned) meets them where the bend is different, so its pose is pulled aside.
+Mapping images with known poses can measure the bend: matched points of two views must lie on
+each other's epipolar lines, and only the right distortion puts them there at the border as
+well as at the centre. This module fits OpenCV's radial model (``k1``, ``k2`` of plumb_bob) to
+that, keeps it only if it also helps pairs it was not fitted on, and removes it from mapping
+and query images alike (same camera matrix K, so nothing downstream changes).
+
+A calibrated camera (ROS ``camera_info`` with its distortion) is undistorted before it gets
+here; the estimate is then of what the calibration left, usually nothing.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+from scipy.optimize import least_squares
+
+from aceg_model.frames import Frame, Intrinsics
+
+
+@dataclass(frozen=True)
+class RadialDistortion:
+    """OpenCV's radial distortion ``x_d = x_u (1 + k1 r^2 + k2 r^4)`` in normalized coordinates."""
+
+    k1: float = 0.0
+    k2: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.k1) and np.isfinite(self.k2)):
+            raise ValueError(f"distortion coefficients must be finite, got k1={self.k1}, k2={self.k2}")
+
+    @property
+    def coefficients(self) -> np.ndarray:
+        """The 5 plumb_bob coefficients (k1, k2, p1, p2, k3) OpenCV takes."""
+        return np.array([self.k1, self.k2, 0.0, 0.0, 0.0])
+
+    @property
+    def is_zero(self) -> bool:
+        return self.k1 == 0.0 and self.k2 == 0.0
+
+
+class ImageUndistorter:
+    """Removes a radial distortion from images of one camera; the output keeps the camera's K.
+
+    The remap tables are built once per (intrinsics, distortion) and reused. Pixels that come
+    from beyond the image edge repeat the edge rather than turning black, so the encoder sees
+    no artificial border.
+    """
+
+    def __init__(self) -> None:
+        self._key = None
+        self._maps = None
+
+    def __call__(self, image: np.ndarray, intrinsics: Intrinsics, distortion: RadialDistortion) -> np.ndarray:
+        if distortion.is_zero:
+            return image
+        key = (intrinsics, distortion)
+        if key != self._key:
+            size = (intrinsics.width, intrinsics.height)
+            self._maps = cv2.initUndistortRectifyMap(intrinsics.K, distortion.coefficients, None, intrinsics.K,
+                                                     size, cv2.CV_32FC1)
+            self._key = key
+        return cv2.remap(image, self._maps[0], self._maps[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+class UndistortedFrames(Sequence[Frame]):
+    """A view of ``frames`` whose images have ``distortion`` removed (loaded lazily, like the frames)."""
+
+    def __init__(self, frames: Sequence[Frame], distortion: RadialDistortion) -> None:
+        self._frames = frames
+        self._distortion = distortion
+        self._undistort = ImageUndistorter()
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def __getitem__(self, i: int) -> Frame:  # type: ignore[override]
+        frame = self._frames[i]
+        return frame.with_image(self._undistort(frame.image, frame.intrinsics, self._distortion))
+
+    def pose(self, i: int) -> np.ndarray:
+        return frame_pose(self._frames, i)
+
+
+def frame_pose(frames: Sequence[Frame], i: int) -> np.ndarray:
+    """Frame ``i``'s camera-to-world pose, without loading its image where the dataset can."""
+    pose = getattr(frames, "pose", None)
+    return pose(i) if callable(pose) else frames[i].T_world_cam
+
+
+@dataclass(frozen=True)
+class LensConfig:
+    """How mapping estimates the lens distortion (``estimate_distortion``)."""
+
+    estimate: bool = True
+    max_pairs: int = 60  # image pairs matched; ~0.1 s each on the 2-core CPU at 640x480
+    max_frames: int = 600  # longer sequences are subsampled evenly before pairing (the pair search is quadratic)
+    # A pair must have parallax (a baseline) for its epipolar lines to exist, and some rotation,
+    # so that points move across the image radius between its two views.
+    min_baseline_m: float = 0.05
+    min_angle_deg: float = 5.0
+    max_angle_deg: float = 45.0
+    max_features: int = 2000  # SIFT keypoints per image
+    ratio: float = 0.8  # Lowe's ratio test
+    min_matches: int = 500  # fewer matches over all pairs: no estimate
+    max_epipolar_px: float = 20.0  # matches farther than this from their line (pinhole) are mismatches
+    robust_px: float = 1.5  # scale of the Cauchy loss on the epipolar distances
+    # The fit is kept only if it lowers the robust cost of the pairs it was not fitted on by this
+    # fraction; a pinhole camera's estimate then stays exactly zero.
+    min_gain: float = 0.03
+    max_abs_coefficient: float = 0.5  # |k1|, |k2| beyond this are not a lens but a failed fit
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_pairs < 2 or self.max_frames < 2:
+            raise ValueError(f"max_pairs and max_frames must be >= 2 (half fit, half check), got "
+                             f"{self.max_pairs}, {self.max_frames}")
+        if not 0 <= self.min_angle_deg < self.max_angle_deg <= 180:
+            raise ValueError(f"need 0 <= min_angle_deg < max_angle_deg <= 180, got "
+                             f"{self.min_angle_deg}, {self.max_angle_deg}")
+        if self.min_baseline_m <= 0 or self.robust_px <= 0 or self.max_epipolar_px <= 0:
+            raise ValueError("min_baseline_m, robust_px and max_epipolar_px must be > 0")
+        if not 0 < self.ratio <= 1:
+            raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
+
+
+@dataclass
+class LensEstimate:
+    """What ``estimate_distortion`` found; ``distortion`` is zero unless ``accepted``."""
+
+    distortion: RadialDistortion
+    accepted: bool
+    reason: str
+    n_pairs: int = 0
+    n_matches: int = 0
+    median_px_before: float | None = None  # epipolar distance of the matches, pinhole
+    median_px_after: float | None = None  # with the fitted distortion
+    held_out_gain: float | None = None  # relative drop of the robust cost on the pairs not fitted
+    seconds: float = 0.0
+
+
+@dataclass
+class _PairMatches:
+    xa_N2: np.ndarray  # pixels in image a
+    xb_N2: np.ndarray
+    E_33: np.ndarray  # essential matrix from the poses: x_a^T E x_b = 0 (normalized coordinates)
+    intrinsics_a: Intrinsics
+    intrinsics_b: Intrinsics
+
+
+def select_pairs(poses_I44: np.ndarray, config: LensConfig) -> list[tuple[int, int]]:
+    """Up to ``max_pairs`` image pairs with a baseline and a rotation in range, each image in at
+    most two pairs (so the pairs spread over the sequence), in a seeded random order. Indices
+    are of ``poses_I44``; at most ``max_frames`` evenly spaced ones are considered."""
+    keep = np.unique(np.linspace(0, len(poses_I44) - 1, min(len(poses_I44), config.max_frames)).round().astype(int))
+    centres = poses_I44[keep, :3, 3]
+    R = poses_I44[keep, :3, :3]
+    cos = (np.einsum("aji,bji->ab", R, R) - 1.0) / 2.0  # trace(R_a^T R_b) = 1 + 2 cos(angle)
+    angle = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+    baseline = np.linalg.norm(centres[:, None] - centres[None], axis=2)
+    a, b = np.nonzero(np.triu((baseline >= config.min_baseline_m) & (angle >= config.min_angle_deg)
+                              & (angle <= config.max_angle_deg), k=1))
+    a, b = keep[a], keep[b]
+    order = np.random.default_rng(config.seed).permutation(len(a))
+    uses = np.zeros(len(poses_I44), dtype=int)
+    pairs = []
+    for k in order:
+        i, j = int(a[k]), int(b[k])
+        if uses[i] < 2 and uses[j] < 2:
+            pairs.append((i, j))
+            uses[i] += 1
+            uses[j] += 1
+            if len(pairs) == config.max_pairs:
+                break
+    return pairs
+
+
+def _essential(T_world_a: np.ndarray, T_world_b: np.ndarray) -> np.ndarray:
+    T_ab = np.linalg.inv(T_world_a) @ T_world_b  # X_a = R X_b + t
+    t = T_ab[:3, 3]
+    t_x = np.array([[0.0, -t[2], t[1]], [t[2], 0.0, -t[0]], [-t[1], t[0], 0.0]])
+    return t_x @ T_ab[:3, :3]
+
+
+def _normalized(pixels_N2: np.ndarray, intrinsics: Intrinsics, distortion: RadialDistortion) -> np.ndarray:
+    """Undistorted normalized coordinates of distorted pixels. The radial model is inverted by
+    fixed-point iteration, which converges for the mild distortions a pinhole-used lens has."""
+    xd = (pixels_N2 - [intrinsics.cx, intrinsics.cy]) / [intrinsics.fx, intrinsics.fy]
+    xu = xd
+    for _ in range(20):
+        r2 = np.sum(xu * xu, axis=1, keepdims=True)
+        xu = xd / (1.0 + distortion.k1 * r2 + distortion.k2 * r2 * r2)
+    return xu
+
+
+def epipolar_px(pair: _PairMatches, distortion: RadialDistortion) -> np.ndarray:
+    """Sampson distance of each match to the pair's epipolar geometry, in pixels of image a."""
+    na = np.c_[_normalized(pair.xa_N2, pair.intrinsics_a, distortion), np.ones(len(pair.xa_N2))]
+    nb = np.c_[_normalized(pair.xb_N2, pair.intrinsics_b, distortion), np.ones(len(pair.xb_N2))]
+    Eb, Ea = nb @ pair.E_33.T, na @ pair.E_33
+    num = np.sum(na * Eb, axis=1) ** 2
+    den = Eb[:, 0] ** 2 + Eb[:, 1] ** 2 + Ea[:, 0] ** 2 + Ea[:, 1] ** 2
+    f = 0.5 * (pair.intrinsics_a.fx + pair.intrinsics_a.fy)
+    return f * np.sqrt(num / np.maximum(den, 1e-20))
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+
+
+def _match_pairs(frames: Sequence[Frame], pairs: list[tuple[int, int]], config: LensConfig) -> list[_PairMatches]:
+    sift = cv2.SIFT_create(config.max_features)
+    matcher = cv2.BFMatcher(cv2.NORM_L2)
+    features: dict[int, tuple[np.ndarray, np.ndarray | None, Frame]] = {}
+
+    def features_of(i: int):
+        if i not in features:
+            frame = frames[i]
+            keypoints, desc = sift.detectAndCompute(_grey(frame.image), None)
+            features[i] = (np.array([k.pt for k in keypoints], dtype=np.float64).reshape(-1, 2), desc, frame)
+        return features[i]
+
+    out = []
+    for i, j in pairs:
+        (pa, da, fa), (pb, db, fb) = features_of(i), features_of(j)
+        if da is None or db is None or len(da) < 2 or len(db) < 2:
+            continue
+        knn = matcher.knnMatch(da, db, k=2)
+        good = [m[0] for m in knn if len(m) == 2 and m[0].distance < config.ratio * m[1].distance]
+        if not good:
+            continue
+        pair = _PairMatches(pa[[m.queryIdx for m in good]], pb[[m.trainIdx for m in good]],
+                            _essential(fa.T_world_cam, fb.T_world_cam), fa.intrinsics, fb.intrinsics)
+        keep = epipolar_px(pair, RadialDistortion()) < config.max_epipolar_px
+        if keep.sum() >= 8:
+            out.append(_PairMatches(pair.xa_N2[keep], pair.xb_N2[keep], pair.E_33, fa.intrinsics, fb.intrinsics))
+    return out
+
+
+def _robust_cost(pairs: list[_PairMatches], distortion: RadialDistortion, scale_px: float) -> float:
+    d = np.concatenate([epipolar_px(p, distortion) for p in pairs])
+    return float(np.mean(np.log1p((d / scale_px) ** 2)))
+
+
+def _fit(pairs: list[_PairMatches], config: LensConfig) -> RadialDistortion:
+    def residuals(k: np.ndarray) -> np.ndarray:
+        return np.concatenate([epipolar_px(p, RadialDistortion(*k)) for p in pairs])
+
+    fit = least_squares(residuals, np.zeros(2), loss="cauchy", f_scale=config.robust_px, diff_step=1e-4,
+                        x_scale=0.05)
+    return RadialDistortion(float(fit.x[0]), float(fit.x[1]))
+
+
+def estimate_distortion(frames: Sequence[Frame], config: LensConfig | None = None) -> LensEstimate:
+    """The radial distortion that makes the posed ``frames`` agree with their poses best.
+
+    Fits on half of the image pairs and keeps the result only if it lowers the other half's
+    epipolar cost by ``min_gain``; then fits on all pairs. Returns zero distortion, with the
+    reason, when the poses give no usable pairs, the images too few matches, or the fit no gain.
+    """
+    cfg = config or LensConfig()
+    t0 = time.perf_counter()
+
+    def result(distortion: RadialDistortion, accepted: bool, reason: str, **kw) -> LensEstimate:
+        return LensEstimate(distortion, accepted, reason, seconds=time.perf_counter() - t0, **kw)
+
+    poses = np.stack([frame_pose(frames, i) for i in range(len(frames))])
+    pairs = select_pairs(poses, cfg)
+    if len(pairs) < 2:
+        return result(RadialDistortion(), False, f"only {len(pairs)} image pairs with a baseline >= "
+                      f"{cfg.min_baseline_m} m and {cfg.min_angle_deg}-{cfg.max_angle_deg} deg of rotation")
+    matches = _match_pairs(frames, pairs, cfg)
+    n_matches = sum(len(p.xa_N2) for p in matches)
+    counts = dict(n_pairs=len(matches), n_matches=n_matches)
+    if len(matches) < 2 or n_matches < cfg.min_matches:
+        return result(RadialDistortion(), False, f"{n_matches} matches in {len(matches)} pairs, need "
+                      f"{cfg.min_matches}", **counts)
+    pinhole = RadialDistortion()
+    before = float(np.median(np.concatenate([epipolar_px(p, pinhole) for p in matches])))
+    fit_half, check_half = matches[0::2], matches[1::2]
+    trial = _fit(fit_half, cfg)
+    gain = 1.0 - _robust_cost(check_half, trial, cfg.robust_px) / _robust_cost(check_half, pinhole, cfg.robust_px)
+    counts.update(median_px_before=before, held_out_gain=gain)
+    if gain < cfg.min_gain:
+        return result(pinhole, False, f"the fitted k1={trial.k1:.3f}, k2={trial.k2:.3f} lowered the held-out "
+                      f"pairs' cost by {100 * gain:.1f} % (< {100 * cfg.min_gain:.0f} %): pinhole kept", **counts)
+    distortion = _fit(matches, cfg)
+    if max(abs(distortion.k1), abs(distortion.k2)) > cfg.max_abs_coefficient:
+        return result(pinhole, False, f"fit k1={distortion.k1:.3f}, k2={distortion.k2:.3f} is beyond "
+                      f"{cfg.max_abs_coefficient}: pinhole kept", **counts)
+    after = float(np.median(np.concatenate([epipolar_px(p, distortion) for p in matches])))
+    return result(distortion, True, "ok", median_px_after=after, **counts)
+
+
+def lens_summary(estimate: LensEstimate) -> str:
+    """One line on what ``estimate_distortion`` did, for logs and command-line output."""
+    if not estimate.accepted:
+        return f"pinhole kept ({estimate.reason})"
+    d = estimate.distortion
+    return (f"radial distortion k1={d.k1:.4f} k2={d.k2:.4f} removed: epipolar distance of {estimate.n_matches} "
+            f"matches in {estimate.n_pairs} mapping pairs {estimate.median_px_before:.2f} -> "
+            f"{estimate.median_px_after:.2f} px (median), {estimate.seconds:.1f} s")

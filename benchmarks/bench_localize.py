@@ -34,7 +34,7 @@ from aceg_model.model import AcegModel
 
 NAME = "bench_localize"
 # Localizer timing keys -> the stage names reported here.
-STAGES = {"encoder": "encoder", "regressor": "regressor", "refine_pixels": "refine_pixels",
+STAGES = {"undistort": "undistort", "encoder": "encoder", "regressor": "regressor", "refine_pixels": "refine_pixels",
           "pnp_prefilter": "prefilter", "pnp_ransac": "ransac", "pnp_covariance": "covariance",
           "photometric": "photometric", "total": "total"}
 

@@ -157,5 +157,6 @@ def test_mapping_removes_the_lens_and_queries_localize_through_it(mapped_through
     # The reloaded map undistorts the queries; the same map with its lens dropped localizes the
     # distorted queries against undistorted landmarks, and worse.
     with_lens, without = median_error_cm(loaded), median_error_cm(replace(loaded, lens=None))
-    assert with_lens < 2.0, with_lens
-    assert with_lens < without, (with_lens, without)
+    # Measured: 0.23 cm with the lens removed, 5.5 cm without (8 relit queries).
+    assert with_lens < 1.0, with_lens
+    assert without > 3 * with_lens, (with_lens, without)

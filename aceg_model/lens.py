@@ -250,13 +250,14 @@ def _robust_cost(pairs: list[_PairMatches], distortion: RadialDistortion, scale_
     return float(np.mean(np.log1p((d / scale_px) ** 2)))
 
 
-def _fit(pairs: list[_PairMatches], config: LensConfig) -> RadialDistortion:
+def _fit(pairs: list[_PairMatches], config: LensConfig, n_terms: int) -> RadialDistortion:
+    """k1 alone (``n_terms`` 1) or k1 and k2 (2), by robust least squares from zero."""
     def residuals(k: np.ndarray) -> np.ndarray:
         return np.concatenate([epipolar_px(p, RadialDistortion(*k)) for p in pairs])
 
-    fit = least_squares(residuals, np.zeros(2), loss="cauchy", f_scale=config.robust_px, diff_step=1e-4,
+    fit = least_squares(residuals, np.zeros(n_terms), loss="cauchy", f_scale=config.robust_px, diff_step=1e-4,
                         x_scale=0.05)
-    return RadialDistortion(float(fit.x[0]), float(fit.x[1]))
+    return RadialDistortion(*(float(k) for k in fit.x))
 
 
 def estimate_distortion(frames: Sequence[Frame], config: LensConfig | None = None) -> LensEstimate:
@@ -285,14 +286,20 @@ def estimate_distortion(frames: Sequence[Frame], config: LensConfig | None = Non
                       f"{cfg.min_matches}", **counts)
     pinhole = RadialDistortion()
     before = float(np.median(np.concatenate([epipolar_px(p, pinhole) for p in matches])))
+    # k1 alone or k1 and k2: over the field of view of a normal lens the two terms trade off, and
+    # with few matches the two-term fit can wander. The pairs not fitted on choose, as they decide
+    # whether to keep a distortion at all.
     fit_half, check_half = matches[0::2], matches[1::2]
-    trial = _fit(fit_half, cfg)
-    gain = 1.0 - _robust_cost(check_half, trial, cfg.robust_px) / _robust_cost(check_half, pinhole, cfg.robust_px)
+    pinhole_cost = _robust_cost(check_half, pinhole, cfg.robust_px)
+    trials = [_fit(fit_half, cfg, n_terms) for n_terms in (1, 2)]
+    costs = [_robust_cost(check_half, t, cfg.robust_px) for t in trials]
+    best = int(np.argmin(costs))
+    trial, gain = trials[best], 1.0 - costs[best] / pinhole_cost
     counts.update(median_px_before=before, held_out_gain=gain)
     if gain < cfg.min_gain:
         return result(pinhole, False, f"the fitted k1={trial.k1:.3f}, k2={trial.k2:.3f} lowered the held-out "
                       f"pairs' cost by {100 * gain:.1f} % (< {100 * cfg.min_gain:.0f} %): pinhole kept", **counts)
-    distortion = _fit(matches, cfg)
+    distortion = _fit(matches, cfg, best + 1)
     if max(abs(distortion.k1), abs(distortion.k2)) > cfg.max_abs_coefficient:
         return result(pinhole, False, f"fit k1={distortion.k1:.3f}, k2={distortion.k2:.3f} is beyond "
                       f"{cfg.max_abs_coefficient}: pinhole kept", **counts)

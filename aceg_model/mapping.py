@@ -22,13 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from aceg_model.encoder import patch_centres
-from aceg_model.frames import Frame
+from aceg_model.frames import Frame, Intrinsics
 from aceg_model.geometry import invert
 from aceg_model.heads import CodesHead, MlpHead
-from aceg_model.frames import Intrinsics
-from aceg_model.lens import ImageUndistorter, LensConfig, LensEstimate, RadialDistortion, UndistortedFrames, \
-    estimate_distortion, frame_pose
 from aceg_model.landmarks import SweepConfig, SweepViews, neighbour_views, sweep_depths
+from aceg_model.lens import (ImageUndistorter, LensConfig, LensEstimate, RadialDistortion, UndistortedFrames,
+                             estimate_distortion, frame_pose)
 from aceg_model.losses import ReprojectionLossConfig, pixel_rays, reprojection_nll
 from aceg_model.model import AcegModel, prepare_image
 from aceg_model.photo_depth import (GreyViews, LandmarkWindows, PhotoDepthConfig, grey_image, landmark_windows,

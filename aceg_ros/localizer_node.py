@@ -370,7 +370,12 @@ class AcegLocalizer(LifecycleNode):
         if not p.is_file():
             raise ValueError(f"map_path {str(p)!r} is not a file")
         scene_map = SceneMap.load(p, self._model)
-        self.get_logger().info(f"loaded map {p} ({scene_map.method}) in {time.perf_counter() - t0:.2f} s")
+        lens = scene_map.lens
+        lens_text = ("" if lens is None else
+                     f"; it removes lens distortion k1={lens.distortion.k1:.4f} k2={lens.distortion.k2:.4f} from "
+                     f"images of its mapping camera ({lens.camera.width}x{lens.camera.height}, fx {lens.camera.fx:.2f}) "
+                     "and leaves other cameras' images as they are")
+        self.get_logger().info(f"loaded map {p} ({scene_map.method}) in {time.perf_counter() - t0:.2f} s{lens_text}")
         return Localizer(self._model, scene_map, P.pnp_config(self._values()))
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:

@@ -184,8 +184,8 @@ def bilinear_cosine(corners: tuple[torch.Tensor, ...], weights: tuple[torch.Tens
 
 @torch.no_grad()
 def sweep_depths(views: SweepViews, images_C: torch.Tensor, pixels_C2: torch.Tensor,
-                 config: SweepConfig | None = None, progress: Callable[[int, int], None] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 config: SweepConfig | None = None, progress: Callable[[int, int], None] | None = None,
+                 neighbours_In: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Best depth (m) and its sharpness per candidate: a pixel (working resolution) of a mapping image.
 
     The candidate's own descriptor is ``views``' descriptor at that pixel (bilinear; at scale 1
@@ -193,6 +193,7 @@ def sweep_depths(views: SweepViews, images_C: torch.Tensor, pixels_C2: torch.Ten
     over depths: high where one depth explains the neighbours much better than the others.
     Candidates with no usable neighbour get depth ``NaN`` and sharpness ``-inf``.
     ``progress(done, total)`` is called after every chunk (it may raise to cancel).
+    ``neighbours_In``: ``neighbour_views(views.T_cam_map_I44, config)`` where the caller has it.
     """
     cfg = config or SweepConfig()
     desc_IPF, hw, K_I33, T_cam_map_I44 = views.desc_IPD, views.hw, views.K_I33, views.T_cam_map_I44
@@ -201,7 +202,7 @@ def sweep_depths(views: SweepViews, images_C: torch.Tensor, pixels_C2: torch.Ten
     I = len(T_cam_map_I44)
     pixels_C2 = views.to_sweep_pixels(pixels_C2)
     dots_I5P = neighbour_dots(desc_IPF.view(I, h, w, -1)).view(I, 5, h * w)
-    neigh_In = neighbour_views(T_cam_map_I44, cfg)
+    neigh_In = neighbour_views(T_cam_map_I44, cfg) if neighbours_In is None else neighbours_In
     n = neigh_In.shape[1]
     inv_d = torch.linspace(1.0 / cfg.min_depth_m, 1.0 / cfg.max_depth_m, cfg.n_depths, device=device)
     depths_D = 1.0 / inv_d

@@ -365,15 +365,17 @@ def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch
         if cache.sweep_views is None or cache.sweep_views.scale != sweep.scale:
             raise ValueError(f"the feature cache holds no sweep views at scale {sweep.scale} "
                              f"(cache_features(..., sweep_scale={sweep.scale}))")
+        neighbours_In = neighbour_views(cache.T_cam_map_I44, sweep)  # the sweep's, and then the NCC step's
         swept, sharpness = sweep_depths(cache.sweep_views, cache.image_idx_N[sel], cache.pixels_N2[sel], sweep,
-                                        progress and (lambda done, total: progress("seed", done, total, {})))
+                                        progress and (lambda done, total: progress("seed", done, total, {})),
+                                        neighbours_In)
         keep = sharpness.argsort(descending=True)[:M]
         sel, swept = sel[keep], swept[keep]
         if photo is not None and photo.enabled:
             if cache.grey_views is None or cache.grey_views.scale != photo.scale:
                 raise ValueError(f"the feature cache holds no grey views at scale {photo.scale} "
                                  f"(cache_features(..., grey_scale={photo.scale}))")
-            swept, _ = refine_depths(cache.grey_views, cache.T_cam_map_I44, neighbour_views(cache.T_cam_map_I44, sweep),
+            swept, _ = refine_depths(cache.grey_views, cache.T_cam_map_I44, neighbours_In,
                                      cache.image_idx_N[sel], cache.pixels_N2[sel], swept, photo)
         depth = torch.where(swept.isfinite(), swept, depth[keep])
     img = cache.image_idx_N[sel]

@@ -82,6 +82,17 @@ def interpolate_poses(
     return out, valid
 
 
+def skew(v: np.ndarray) -> np.ndarray:
+    """The cross-product matrix ``[v]x`` of each 3-vector (shape ``(..., 3)`` -> ``(..., 3, 3)``):
+    ``[v]x @ w == np.cross(v, w)``."""
+    v = np.asarray(v, dtype=np.float64)
+    S = np.zeros(v.shape + (3,))
+    S[..., 0, 1], S[..., 0, 2] = -v[..., 2], v[..., 1]
+    S[..., 1, 0], S[..., 1, 2] = v[..., 2], -v[..., 0]
+    S[..., 2, 0], S[..., 2, 1] = -v[..., 1], v[..., 0]
+    return S
+
+
 def pose_error(T_est: np.ndarray, T_gt: np.ndarray) -> tuple[float, float]:
     """(translation error in metres, rotation error in degrees) between two camera poses."""
     dt = float(np.linalg.norm(T_est[:3, 3] - T_gt[:3, 3]))

@@ -16,7 +16,7 @@ here; the estimate is then of what the calibration left, usually nothing.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import cv2
@@ -24,6 +24,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from aceg_model.frames import Frame, Intrinsics
+from aceg_model.geometry import skew
 
 
 @dataclass(frozen=True)
@@ -185,9 +186,7 @@ def select_pairs(poses_I44: np.ndarray, config: LensConfig) -> list[tuple[int, i
 
 def _essential(T_world_a: np.ndarray, T_world_b: np.ndarray) -> np.ndarray:
     T_ab = np.linalg.inv(T_world_a) @ T_world_b  # X_a = R X_b + t
-    t = T_ab[:3, 3]
-    t_x = np.array([[0.0, -t[2], t[1]], [t[2], 0.0, -t[0]], [-t[1], t[0], 0.0]])
-    return t_x @ T_ab[:3, :3]
+    return skew(T_ab[:3, 3]) @ T_ab[:3, :3]
 
 
 def _normalized(pixels_N2: np.ndarray, intrinsics: Intrinsics, distortion: RadialDistortion) -> np.ndarray:
@@ -241,7 +240,7 @@ def _match_pairs(frames: Sequence[Frame], pairs: list[tuple[int, int]], config: 
                             _essential(fa.T_world_cam, fb.T_world_cam), fa.intrinsics, fb.intrinsics)
         keep = epipolar_px(pair, RadialDistortion()) < config.max_epipolar_px
         if keep.sum() >= 8:
-            out.append(_PairMatches(pair.xa_N2[keep], pair.xb_N2[keep], pair.E_33, fa.intrinsics, fb.intrinsics))
+            out.append(replace(pair, xa_N2=pair.xa_N2[keep], xb_N2=pair.xb_N2[keep]))
     return out
 
 

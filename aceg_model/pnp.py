@@ -19,7 +19,7 @@ import numpy as np
 import poselib
 
 from aceg_model.frames import Intrinsics
-from aceg_model.geometry import invert, make_pose
+from aceg_model.geometry import invert, make_pose, skew
 
 
 @dataclass(frozen=True)
@@ -198,14 +198,6 @@ def prefilter(
     return idx
 
 
-def _skew_N33(v_N3: np.ndarray) -> np.ndarray:
-    S_N33 = np.zeros((len(v_N3), 3, 3))
-    S_N33[:, 0, 1], S_N33[:, 0, 2] = -v_N3[:, 2], v_N3[:, 1]
-    S_N33[:, 1, 0], S_N33[:, 1, 2] = v_N3[:, 2], -v_N3[:, 0]
-    S_N33[:, 2, 0], S_N33[:, 2, 1] = -v_N3[:, 1], v_N3[:, 0]
-    return S_N33
-
-
 def _project(
     T_world_cam: np.ndarray, points_world_N3: np.ndarray, intrinsics: Intrinsics
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -258,7 +250,7 @@ def pose_covariance(
     dpi_N23[:, 1, 1] = intrinsics.fy / z_N
     dpi_N23[:, 1, 2] = -intrinsics.fy * y_N / z_N**2
     # d(point in camera)/d(dp_c, dtheta_c) = [-I, [X_cam]x]
-    dX_N36 = np.concatenate([np.broadcast_to(-np.eye(3), (len(z_N), 3, 3)), _skew_N33(points_cam_N3)], axis=2)
+    dX_N36 = np.concatenate([np.broadcast_to(-np.eye(3), (len(z_N), 3, 3)), skew(points_cam_N3)], axis=2)
     J_2N6 = (dpi_N23 @ dX_N36).reshape(-1, 6)
     H_66 = J_2N6.T @ J_2N6
 

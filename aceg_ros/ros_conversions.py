@@ -25,7 +25,7 @@ from geometry_msgs.msg import Pose, PoseWithCovarianceStamped, Transform, Transf
 from sensor_msgs.msg import PointCloud2, PointField
 
 from aceg_model.frames import Intrinsics
-from aceg_model.geometry import invert, pose_from_quat, quat_from_pose
+from aceg_model.geometry import invert, pose_from_quat, quat_from_pose, skew
 
 # Optical (x right, y down, z forward) -> body (x forward, y left, z up): v_body = R_BODY_OPTICAL @ v_optical.
 R_BODY_OPTICAL = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
@@ -112,11 +112,6 @@ def pose_with_covariance(T_frame_body: np.ndarray, cov_66: np.ndarray, frame_id:
     return msg
 
 
-def _skew(v: np.ndarray) -> np.ndarray:
-    x, y, z = v
-    return np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
-
-
 def covariance_of_attached_frame(cov_66: np.ndarray, T_map_a: np.ndarray, T_map_b: np.ndarray) -> np.ndarray:
     """Covariance of frame b's pose given frame a's, for b rigidly attached to a (e.g. camera -> base).
 
@@ -126,7 +121,7 @@ def covariance_of_attached_frame(cov_66: np.ndarray, T_map_a: np.ndarray, T_map_
     """
     r = np.asarray(T_map_b, dtype=np.float64)[:3, 3] - np.asarray(T_map_a, dtype=np.float64)[:3, 3]
     J = np.eye(6)
-    J[:3, 3:] = -_skew(r)
+    J[:3, 3:] = -skew(r)
     cov = J @ np.asarray(cov_66, dtype=np.float64) @ J.T
     return 0.5 * (cov + cov.T)
 

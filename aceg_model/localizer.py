@@ -19,6 +19,7 @@ import torch
 from aceg_model.encoder import patch_centres
 from aceg_model.frames import Intrinsics
 from aceg_model.geometry import invert
+from aceg_model.lens import ImageUndistorter
 from aceg_model.mapping import SceneMap
 from aceg_model.model import AcegModel, prepare_image, to_original_pixels
 from aceg_model.photo_depth import grey_image
@@ -47,6 +48,7 @@ class Localizer:
         self.model = model.eval()
         self.scene_map = scene_map
         self.pnp = pnp or PnPConfig()
+        self._undistort = ImageUndistorter()  # the map's lens correction, remap tables built once
 
     @property
     def device(self) -> torch.device:
@@ -114,11 +116,13 @@ class Localizer:
                 pix_P2, K_work, timings, candidates, best)
 
     def _undistorted(self, image: np.ndarray, intrinsics: Intrinsics) -> tuple[np.ndarray, dict[str, float]]:
-        """The image without the mapping camera's lens distortion, and its timing (none if nothing to do)."""
-        if self.scene_map.lens is None or not self.scene_map.lens.applies_to(intrinsics):
+        """The image without the mapping camera's lens distortion (``SceneMap.lens``), and its timing.
+        Images of other cameras (other intrinsics) are returned as they are, with no timing."""
+        lens = self.scene_map.lens
+        if lens is None or not lens.applies_to(intrinsics):
             return image, {}
         t0 = time.perf_counter()
-        image = self.scene_map.undistort_query(image, intrinsics)
+        image = self._undistort(image, intrinsics, lens.distortion)
         return image, {"undistort": 1e3 * (time.perf_counter() - t0)}
 
     def localize(self, image: np.ndarray, intrinsics: Intrinsics) -> LocalizationResult:

@@ -26,8 +26,8 @@ from aceg_model.frames import Frame, Intrinsics
 from aceg_model.geometry import invert
 from aceg_model.heads import CodesHead, MlpHead
 from aceg_model.landmarks import SweepConfig, SweepViews, neighbour_views, sweep_depths
-from aceg_model.lens import (ImageUndistorter, LensConfig, LensEstimate, RadialDistortion, UndistortedFrames,
-                             estimate_distortion, frame_pose)
+from aceg_model.lens import (LensConfig, LensEstimate, RadialDistortion, UndistortedFrames, estimate_distortion,
+                             frame_pose)
 from aceg_model.losses import ReprojectionLossConfig, pixel_rays, reprojection_nll
 from aceg_model.model import AcegModel, prepare_image
 from aceg_model.photo_depth import (GreyViews, LandmarkWindows, PhotoDepthConfig, grey_image, landmark_windows,
@@ -153,14 +153,6 @@ class SceneMap:
     fine: FineKeys | None = None
     windows: LandmarkWindows | None = None
     lens: MappingLens | None = None
-    _undistort: ImageUndistorter = field(default_factory=ImageUndistorter, repr=False, compare=False)
-
-    def undistort_query(self, image: np.ndarray, intrinsics: Intrinsics) -> np.ndarray:
-        """``image`` with the mapping camera's lens distortion removed, if it is that camera
-        (same intrinsics); other cameras' images are returned as they are."""
-        if self.lens is None or not self.lens.applies_to(intrinsics):
-            return image
-        return self._undistort(image, intrinsics, self.lens.distortion)
 
     @property
     def method(self) -> str:

@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from aceg_model.geometry import pose_error
 from aceg_model.landmarks import MAX_SWEEP_SCALE, SweepConfig
+from aceg_model.lens import LensConfig
 from aceg_model.localizer import Localizer
 from aceg_model.mapping import METHODS, MappingConfig, SceneMap, map_scene, progress_bar
 from aceg_model.metrics import accuracy_summary
 from aceg_model.model import AcegModel, pick_device
-from aceg_model.lens import LensConfig
 from aceg_model.photo_depth import PhotoDepthConfig
 from aceg_model.pnp import PnPConfig
 

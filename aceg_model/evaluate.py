@@ -20,13 +20,12 @@ from tqdm import tqdm
 
 from aceg_model.geometry import pose_error
 from aceg_model.landmarks import MAX_SWEEP_SCALE, SweepConfig
-from aceg_model.lens import LensConfig
 from aceg_model.localizer import Localizer
-from aceg_model.mapping import METHODS, MappingConfig, SceneMap, map_scene, progress_bar
+from aceg_model.mapping import METHODS, MappingConfig, SceneMap, map_scene, mapping_config, progress_bar
 from aceg_model.metrics import accuracy_summary
 from aceg_model.model import AcegModel, pick_device
-from aceg_model.photo_depth import PhotoDepthConfig
 from aceg_model.pnp import PnPConfig
+from aceg_model.visits import VisitConfig
 
 PERTURBATIONS = ("darker", "tinted", "blurred")
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "aceg_small.safetensors"
@@ -85,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the plane sweep's landmark depths (no NCC sharpening on the raw pixels; ablation)")
     p.add_argument("--no-lens-estimate", action="store_true",
                    help="treat the camera as pinhole (do not estimate and remove its radial lens distortion; ablation)")
+    p.add_argument("--visit-window", type=float, default=VisitConfig.window_s,
+                   help="seconds of the mapping sequence a landmark belongs to around its seed image; "
+                        "0 = off (ablation)")
     p.add_argument("--top-k", type=int, default=PnPConfig.top_k,
                    help="PnP prefilter: keep the k most certain correspondences; 0 = all")
     p.add_argument("--no-refine-pixels", action="store_true",
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--top-k must be >= 0 (0 = all correspondences), got {args.top_k}")
     if not 1 <= args.sweep_scale <= MAX_SWEEP_SCALE:
         p.error(f"--sweep-scale must be in 1..{MAX_SWEEP_SCALE}, got {args.sweep_scale}")
+    if not args.visit_window >= 0:
+        p.error(f"--visit-window must be >= 0 s (0 = off), got {args.visit_window}")
 
     from aceg_model.datasets import open_dataset
 
@@ -132,14 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         mapping_seconds = 0.0
     else:
         progress, bar = progress_bar(args.iterations, f"mapping ({args.method})")
-        scene_map, report = map_scene(model, mapping, MappingConfig(method=args.method, iterations=args.iterations,
-                                                               batch_patches=args.batch_patches,
-                                                               sweep_seeds=not args.fixed_depth_seeds,
-                                                               sweep=SweepConfig(scale=args.sweep_scale),
-                                                               photo_depth=PhotoDepthConfig(
-                                                                   enabled=not args.no_photo_depth),
-                                                               lens=LensConfig(estimate=not args.no_lens_estimate)),
-                                      progress)
+        config = mapping_config(method=args.method, iterations=args.iterations, batch_patches=args.batch_patches,
+                                sweep_seeds=not args.fixed_depth_seeds, sweep_scale=args.sweep_scale,
+                                photo_depth=not args.no_photo_depth, estimate_lens=not args.no_lens_estimate,
+                                visit_window_s=args.visit_window)
+        scene_map, report = map_scene(model, mapping, config, progress)
         bar.close()
         mapping_seconds = time.perf_counter() - t0
         if args.save_map:
@@ -149,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"method": args.method, "data": str(args.data), "model": str(args.model), "device": str(device),
               "n_mapping": len(mapping), "mapping_seconds": mapping_seconds,
               "refine_pixels": localizer.refines_pixels, "photometric": localizer.refines_photometrically,
-              "lens": None if scene_map.lens is None else scene_map.lens.to_meta()}
+              "lens": None if scene_map.lens is None else scene_map.lens.to_meta(),
+              "visit_window_s": None if scene_map.views is None else scene_map.views.window_s,
+              "solve_in_visit": localizer.solves_in_visit}
     result.update(evaluate_queries(localizer, queries))
     if args.perturb is not None:
         result["perturbed"] = {}
@@ -162,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     refined = "pixels refined within their patches" if localizer.refines_pixels else "patch-centre pixels"
     if localizer.refines_photometrically:
         refined += ", poses refined on the landmarks' grey windows"
+    if localizer.solves_in_visit:
+        refined += f", poses solved again within a {scene_map.views.window_s:g} s mapping visit"
     lens = scene_map.lens
     lens_text = ("pinhole camera" if lens is None else
                  f"lens distortion k1={lens.distortion.k1:.3f} k2={lens.distortion.k2:.3f} removed")

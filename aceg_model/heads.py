@@ -61,14 +61,16 @@ class CodesHead(nn.Module):
             self._index_stamp = stamp
         return self._index
 
-    def candidates(self, feats_bF: torch.Tensor, best_first: bool = False) -> torch.Tensor:
+    def candidates(self, feats_bF: torch.Tensor, best_first: bool = False,
+                   allowed_M: torch.Tensor | None = None) -> torch.Tensor:
         """``b x attention_top_k`` indices of the landmarks each patch attends to with the codes as
         they are; with ``best_first`` the best-matching key (the attention's largest weight) in
-        column 0, which the query's sub-patch refinement looks for."""
+        column 0, which the query's sub-patch refinement looks for; with ``allowed_M`` (bool)
+        among those landmarks only (mapping keeps a patch to its visit: ``aceg_model.visits``)."""
         if not self.regressor.uses_top_k(len(self.keys)):
             raise ValueError("candidates need top-k attention (attention_top_k < number of codes)")
         # The cached index follows the codes' versions, so mapping's refreshes see the live codes.
-        return self.regressor.candidates(feats_bF.unsqueeze(0), self.landmark_index(), best_first)[0]
+        return self.regressor.candidates(feats_bF.unsqueeze(0), self.landmark_index(), best_first, allowed_M)[0]
 
     def forward(self, feats_bF: torch.Tensor, candidates_bk: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,9 +88,12 @@ class SweepViews:
         return sum(wt[:, None] * self.desc_IPD[images_C, p].float() for p, wt in zip(corners, weights))
 
 
-def neighbour_views(T_cam_map_I44: torch.Tensor, config: SweepConfig) -> torch.Tensor:
+def neighbour_views(T_cam_map_I44: torch.Tensor, config: SweepConfig,
+                    same_visit_II: torch.Tensor | None = None) -> torch.Tensor:
     """``I x n`` indices of each view's neighbours (-1 where there are fewer): the views at least
-    ``min_baseline_m`` away with optical axes within ``max_angle_deg``, closest first."""
+    ``min_baseline_m`` away with optical axes within ``max_angle_deg``, closest first. With
+    ``same_visit_II`` (``aceg_model.visits``) the views of a view's own visit come first, and
+    others only fill the places its visit leaves."""
     T_map_cam = torch.linalg.inv(T_cam_map_I44)
     centres_I3, axes_I3 = T_map_cam[:, :3, 3], T_map_cam[:, :3, 2]
     dist_II = torch.cdist(centres_I3, centres_I3)
@@ -98,6 +101,8 @@ def neighbour_views(T_cam_map_I44: torch.Tensor, config: SweepConfig) -> torch.T
     ok = (dist_II >= config.min_baseline_m) & (cos_II >= torch.cos(torch.deg2rad(torch.tensor(config.max_angle_deg))))
     # Most similar viewing direction first (the features match best); distance breaks ties.
     score = torch.where(ok, (1.0 - cos_II) + 0.01 * dist_II, torch.full_like(dist_II, float("inf")))
+    if same_visit_II is not None:  # scores of valid pairs are below 1.2: 10 ranks every other visit last
+        score = score + 10.0 * (~same_visit_II).to(score.dtype)
     n = min(config.n_neighbours, len(T_cam_map_I44) - 1)
     order = score.argsort(dim=1)[:, :n]
     return torch.where(torch.gather(score, 1, order).isfinite(), order, torch.full_like(order, -1))

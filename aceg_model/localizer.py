@@ -4,6 +4,7 @@ remove the mapping camera's lens distortion, if mapping found one (``aceg_model.
 encode -> regress scene coordinates + uncertainty for every patch ->
 refine each patch's pixel to where its landmark lies (``aceg_model.pixel_refinement``) ->
 prefilter by uncertainty -> robust PnP (poselib RANSAC + refinement) ->
+solve again on the landmarks of the mapping visit nearest that pose (``aceg_model.visits``) ->
 place the inliers' landmarks by their raw pixels and solve again
 (``aceg_model.photometric_refinement``) -> 6x6 covariance from the inliers (``aceg_model.pnp``).
 The network and the scene head stay on one device for the whole run.
@@ -26,6 +27,7 @@ from aceg_model.photo_depth import grey_image
 from aceg_model.photometric_refinement import refine_observations
 from aceg_model.pixel_refinement import encode_fine, refine_pixels
 from aceg_model.pnp import PnPConfig, PnPResult, refine_with_candidates, solve_pnp
+from aceg_model.visits import solve_in_visit
 
 
 @dataclass
@@ -135,6 +137,12 @@ class Localizer:
         if candidates is not None:
             res = refine_with_candidates(res, candidates, pixels, intrinsics, pnp)
         timings.update({f"pnp_{k}" if not k.startswith("pnp") else k: v for k, v in res.timings_ms.items()})
+        if res.success and best is not None and self.solves_in_visit:
+            t0 = time.perf_counter()
+            res, keep = solve_in_visit(res, self.scene_map.views, best, coords, pixels, np.exp(log_sigma),
+                                       intrinsics, pnp)
+            best = best[keep]
+            timings["visit"] = 1e3 * (time.perf_counter() - t0)
         if res.success and best is not None and self.refines_photometrically:
             t0 = time.perf_counter()
             res = self._refine_photometrically(res, best, image, intrinsics)
@@ -143,6 +151,11 @@ class Localizer:
         return LocalizationResult(res.success, res.reason, res.T_world_cam if res.success else None,
                                   res.covariance_66 if res.success else None, int(res.n_inliers),
                                   int(res.n_input), timings)
+
+    @property
+    def solves_in_visit(self) -> bool:
+        """Whether accepted poses are solved again within one mapping visit (setting on, map with views)."""
+        return self.pnp.solve_in_visit and self.scene_map.views is not None
 
     @torch.inference_mode()
     def _refine_photometrically(self, res: PnPResult, best_N: np.ndarray, image: np.ndarray,

@@ -33,6 +33,7 @@ from aceg_model.model import AcegModel, prepare_image
 from aceg_model.photo_depth import (GreyViews, LandmarkWindows, PhotoDepthConfig, grey_image, landmark_windows,
                                     refine_depths)
 from aceg_model.pixel_refinement import encode_fine, refine_pixels
+from aceg_model.visits import MappingViews, VisitConfig, same_visit, visit_masks
 
 MAP_KIND = "aceg-map"
 MIN_MAPPING_FRAMES = 3
@@ -75,6 +76,9 @@ class MappingConfig:
     # The lens's radial distortion, estimated from the posed mapping images and removed from
     # them and from the queries (``aceg_model.lens``); zero for a pinhole camera.
     lens: LensConfig = field(default_factory=LensConfig)
+    # Each landmark kept to the stretch of the mapping sequence it was seeded in, so that the drift
+    # between two visits of a place does not blur it (``aceg_model.visits``; ACE-G only).
+    visits: VisitConfig = field(default_factory=VisitConfig)
     loss: ReprojectionLossConfig = field(default_factory=ReprojectionLossConfig)
 
     def __post_init__(self) -> None:
@@ -86,6 +90,17 @@ class MappingConfig:
             raise ValueError(f"refine_window_px must be >= 1 px, got {self.refine_window_px}")
         if self.candidate_refresh < 0:
             raise ValueError(f"candidate_refresh must be >= 0 (0: search every iteration), got {self.candidate_refresh}")
+
+
+def mapping_config(*, method: str = "aceg", iterations: int = MappingConfig.iterations,
+                   batch_patches: int = MappingConfig.batch_patches, sweep_seeds: bool = True,
+                   sweep_scale: int = SweepConfig.scale, photo_depth: bool = True, estimate_lens: bool = True,
+                   visit_window_s: float = VisitConfig.window_s) -> MappingConfig:
+    """A ``MappingConfig`` from the flat options the tools offer (``aceg-map``, ``aceg-eval``, the
+    node's ``mapping.*`` parameters); the rest keep their defaults. ValueError if invalid."""
+    return MappingConfig(method=method, iterations=iterations, batch_patches=batch_patches, sweep_seeds=sweep_seeds,
+                         sweep=SweepConfig(scale=sweep_scale), photo_depth=PhotoDepthConfig(enabled=photo_depth),
+                         lens=LensConfig(estimate=estimate_lens), visits=VisitConfig(window_s=visit_window_s))
 
 
 def make_head(model: AcegModel, method: str, seed: int = 0) -> torch.nn.Module:
@@ -145,7 +160,8 @@ class SceneMap:
     """A mapped scene: its head (codes or MLP), the map centre (scene coords are relative to it)
     and, for landmark maps seeded by a fine plane sweep, the landmarks' fine keys and, where the
     sweep's depths were sharpened on the raw pixels, the landmarks' grey windows; where mapping
-    found its camera's lens distorted, that distortion (``lens``)."""
+    found its camera's lens distorted, that distortion (``lens``); where mapping kept landmarks
+    to visits, where and when its images were taken and each landmark's seed image (``views``)."""
 
     head: torch.nn.Module
     centre_3: np.ndarray
@@ -153,6 +169,7 @@ class SceneMap:
     fine: FineKeys | None = None
     windows: LandmarkWindows | None = None
     lens: MappingLens | None = None
+    views: MappingViews | None = None
 
     @property
     def method(self) -> str:
@@ -191,6 +208,10 @@ class SceneMap:
         meta.pop("window_radius_px", None)
         meta.pop("window_scale", None)
         meta.pop("lens", None)
+        meta.pop("visit_window_s", None)
+        if self.views is not None:
+            tensors.update(self.views.tensors())
+            meta["visit_window_s"] = self.views.window_s
         if self.lens is not None:
             meta["lens"] = self.lens.to_meta()
         if self.fine is not None:
@@ -228,6 +249,12 @@ class SceneMap:
                                  f"for a {method!r} map")
             shapes["window_grey"] = (model.config.regressor.n_codes, (2 * radius + 1) ** 2)
             shapes["window_axes"] = (model.config.regressor.n_codes, 2, 3)
+        window_s = header.get("visit_window_s")
+        if window_s is not None:  # maps made before visits, or without them, have none
+            if method != "aceg" or not isinstance(window_s, (int, float)) or isinstance(window_s, bool):
+                raise ValueError(f"{path}: invalid visit_window_s {window_s!r} for a {method!r} map")
+            shapes.update({"landmarks.seed_view": (model.config.regressor.n_codes,), "views.centres": (None, 3),
+                           "views.axes": (None, 3), "views.stamps": (None,)})
         tensors, meta = load_tensors(path, kind=MAP_KIND, expected_shapes=shapes,
                                      expected_meta={"model_hash": model.model_hash()})
         head.load_scene_tensors({k[5:]: v.to(model.device) for k, v in tensors.items() if k.startswith("head.")})
@@ -237,7 +264,8 @@ class SceneMap:
             windows = LandmarkWindows(tensors["window_grey"].to(model.device, torch.uint8),
                                       tensors["window_axes"].to(model.device, torch.float32), radius, window_scale)
         lens = None if meta.get("lens") is None else MappingLens.from_meta(meta["lens"], path)
-        return cls(head.eval(), tensors["centre"].numpy().astype(np.float64), meta, fine, windows, lens)
+        views = None if window_s is None else MappingViews.from_tensors(tensors, window_s, path)
+        return cls(head.eval(), tensors["centre"].numpy().astype(np.float64), meta, fine, windows, lens, views)
 
 
 @dataclass
@@ -271,6 +299,7 @@ class FeatureCache:
     grid_hw: tuple[int, int]  # the patch grid of every image (mapping images share one size)
     sweep_views: SweepViews | None = None  # what the plane sweep compares (ACE-G seeding only)
     grey_views: GreyViews | None = None  # the raw pixels that sharpen the sweep's depths
+    stamps_I: torch.Tensor | None = None  # per image, seconds (float64)
 
 
 @torch.inference_mode()
@@ -280,7 +309,7 @@ def cache_features(model: AcegModel, frames: Sequence[Frame], centre_3: np.ndarr
     """Encode every mapping image once; with ``sweep_scale`` also the keys the plane sweep
     compares, with ``grey_scale`` the grey pixels that sharpen its depths."""
     device = model.device
-    feats, pixels, idx, poses, Ks = [], [], [], [], []
+    feats, pixels, idx, poses, Ks, stamps = [], [], [], [], [], []
     greys, grey_Ks = [], []
     sweep_keys, sweep_Ks, sweep_hw = [], [], None
     T_world_map = np.eye(4)
@@ -300,6 +329,7 @@ def cache_features(model: AcegModel, frames: Sequence[Frame], centre_3: np.ndarr
             idx.append(torch.full((h * w,), start + i, dtype=torch.long, device=device))
             poses.append(invert(frame.T_world_cam) @ T_world_map)  # T_cam_map
             Ks.append(K.K)
+            stamps.append(frame.stamp)
             # The sweep compares the regressor's keys, where landmarks will be matched (64 dims, not 128):
             # at scale 1 those of the working-resolution features themselves.
             if sweep_scale == 1:
@@ -329,13 +359,15 @@ def cache_features(model: AcegModel, frames: Sequence[Frame], centre_3: np.ndarr
     return FeatureCache(
         torch.cat(feats), torch.cat(pixels), torch.cat(idx), T_cam_map_I44,
         torch.as_tensor(np.stack(Ks), dtype=torch.float32, device=device), (h, w), views, grey_views,
+        torch.as_tensor(stamps, dtype=torch.float64, device=device),
     )
 
 
 @torch.no_grad()
 def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch.Generator,
                sweep: SweepConfig | None = None, progress: Progress | None = None,
-               photo: PhotoDepthConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+               photo: PhotoDepthConfig | None = None, visit_window_s: float = 0.0
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Initial codes from the mapping images alone: patches drawn across all images become
     landmarks, keyed by their own features and placed on their viewing rays. Also returns each
     landmark's fine key (``M x K``, unit) for the query's sub-patch refinement
@@ -347,7 +379,9 @@ def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch
     sharpest sweep are kept; without it (or where the sweep finds nothing) landmarks sit at
     ``depth_m``. With ``photo`` (enabled) the swept depths are then sharpened by NCC of the
     mapping images' raw pixels (``aceg_model.photo_depth``; needs the cache's grey views).
-    The reprojection loss then refines them from every view whose patches attend."""
+    With ``visit_window_s`` > 0 the sweep's neighbours come from the seed image's own visit
+    first (``aceg_model.visits``; needs the cache's stamps). The reprojection loss then refines
+    them from every view whose patches attend."""
     M, n = model.config.regressor.n_codes, len(cache.feats_NF)
     n_cand = M if sweep is None else int(M * sweep.oversample)
     sel = torch.randperm(n, generator=gen)[:n_cand] if n >= n_cand else torch.randint(n, (n_cand,), generator=gen)
@@ -357,7 +391,12 @@ def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch
         if cache.sweep_views is None or cache.sweep_views.scale != sweep.scale:
             raise ValueError(f"the feature cache holds no sweep views at scale {sweep.scale} "
                              f"(cache_features(..., sweep_scale={sweep.scale}))")
-        neighbours_In = neighbour_views(cache.T_cam_map_I44, sweep)  # the sweep's, and then the NCC step's
+        visit_II = None
+        if visit_window_s > 0:
+            if cache.stamps_I is None:
+                raise ValueError("keeping the sweep to visits needs the mapping images' stamps in the feature cache")
+            visit_II = same_visit(cache.stamps_I, visit_window_s)
+        neighbours_In = neighbour_views(cache.T_cam_map_I44, sweep, visit_II)  # the sweep's, and then the NCC step's
         swept, sharpness = sweep_depths(cache.sweep_views, cache.image_idx_N[sel], cache.pixels_N2[sel], sweep,
                                         progress and (lambda done, total: progress("seed", done, total, {})),
                                         neighbours_In)
@@ -382,11 +421,18 @@ def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch
     return model.regressor.seed_codes(cache.feats_NF[sel].float(), pos_M3), fine_keys_MK, img
 
 
-def all_candidates(head: CodesHead, feats_NF: torch.Tensor, chunk: int, best_first: bool = False) -> torch.Tensor:
+def all_candidates(head: CodesHead, feats_NF: torch.Tensor, chunk: int, best_first: bool = False,
+                   masks: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """``N x k`` indices of the landmarks every mapping patch attends to with the codes as they
-    are (with ``best_first``, the best-matching in column 0)."""
+    are (with ``best_first``, the best-matching in column 0). With ``masks`` (one per image, from
+    ``visits.visit_masks``) the patches of image i choose among the landmarks ``masks[i]`` allows;
+    ``feats_NF`` is then image-major with as many patches per image (as ``FeatureCache``)."""
     # int32: half the memory (600 000 patches x 16 of redkitchen's 500 frames: 38 MB)
-    return torch.cat([head.candidates(f.float(), best_first).int() for f in feats_NF.split(chunk)])
+    if masks is None:
+        return torch.cat([head.candidates(f.float(), best_first).int() for f in feats_NF.split(chunk)])
+    per_image = len(feats_NF) // len(masks)
+    return torch.cat([head.candidates(feats_NF[i * per_image:(i + 1) * per_image].float(), best_first, mask).int()
+                      for i, mask in enumerate(masks)])
 
 
 @torch.no_grad()
@@ -439,11 +485,11 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
     if cfg.method == "aceg":
         codes, fine_keys_MK, seed_images_M = seed_codes(model, cache, cfg.loss.target_depth, gen,
                                                         cfg.sweep if cfg.sweep_seeds else None, progress,
-                                                        cfg.photo_depth)
+                                                        cfg.photo_depth, cfg.visits.window_s)
         head = CodesHead(model.regressor, codes).train()
         groups = [{"params": [head.keys], "lr": cfg.lr_keys}, {"params": [head.positions], "lr": cfg.lr_positions}]
     else:
-        head, fine_keys_MK = make_head(model, cfg.method, cfg.seed).train(), None
+        head, fine_keys_MK, seed_images_M = make_head(model, cfg.method, cfg.seed).train(), None, None
         groups = [{"params": list(head.parameters()), "lr": cfg.lr_ace}]
     opt = torch.optim.Adam(groups)
     t_seed = time.perf_counter() - t_seed
@@ -456,10 +502,15 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
     fine = None if fine_keys_MK is None else FineKeys(fine_keys_MK.half(), cfg.sweep.scale)
     refine = cfg.refine_pixels and fine is not None
     pixels_N2 = cache.pixels_N2
+    keep_visits = cfg.method == "aceg" and cfg.visits.enabled
+    masks = None
+    if refresh and keep_visits:  # each mapping image's patches attend to the landmarks of its visit
+        masks = visit_masks(cache.stamps_I, seed_images_M, cfg.visits.window_s,
+                            model.regressor.config.attention_top_k)
     t1 = time.perf_counter()
     for it in range(cfg.iterations):
         if refresh and it % refresh == 0:
-            candidates_Nk = all_candidates(head, cache.feats_NF, cfg.batch_patches, best_first=refine)
+            candidates_Nk = all_candidates(head, cache.feats_NF, cfg.batch_patches, refine, masks)
             if refine:
                 pixels_N2 = refined_pixels(cache, fine, candidates_Nk[:, 0], cfg.refine_window_px)
         sel = torch.randint(n, (min(cfg.batch_patches, n),), generator=gen).to(model.device)
@@ -486,6 +537,11 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
         windows = landmark_windows(cache.grey_views, cache.T_cam_map_I44, seed_images_M, head.positions.detach(),
                                    cfg.photo_depth.radius_px)
 
+    views = None
+    if keep_visits:
+        views = MappingViews.from_poses(np.stack([frame_pose(frames, i) for i in range(len(frames))]),
+                                        cache.stamps_I.cpu().numpy(), seed_images_M.cpu().numpy(),
+                                        cfg.visits.window_s)
     report = MappingReport(cfg.method, len(frames), n, cfg.iterations, loss_val, stats["median_px"],
                            stats["valid"], t_encode, t_seed, t_opt, lens_estimate)
     meta = {
@@ -496,7 +552,7 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
         "mapping": asdict(cfg),
         "report": asdict(report),
     }
-    return SceneMap(head.eval(), centre_3, meta, fine, windows, lens), report
+    return SceneMap(head.eval(), centre_3, meta, fine, windows, lens, views), report
 
 
 def progress_bar(iterations: int, desc: str) -> tuple[Progress, "object"]:

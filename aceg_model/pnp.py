@@ -107,6 +107,11 @@ class PnPConfig:
     photometric_search_px: int = 6
     photometric_iterations: int = 2
     photometric_min_ncc: float = 0.5
+    # Once a pose is accepted, where the map kept its landmarks to visits (``aceg_model.visits``),
+    # solve again on the correspondences to landmarks of the visit of the mapping view nearest
+    # the pose, so one visit's poses decide it; the pose stays as it was if that finds fewer
+    # than min_inliers inliers.
+    solve_in_visit: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -245,23 +245,34 @@ class Regressor(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def search(q_SbK: torch.Tensor, index: LandmarkIndex, k: int) -> torch.Tensor:
-        """Indices ``S x b x k`` of the k landmarks whose keys best match unit queries ``q_SbK``."""
+    def search(q_SbK: torch.Tensor, index: LandmarkIndex, k: int,
+               allowed_M: torch.Tensor | None = None) -> torch.Tensor:
+        """Indices ``S x b x k`` of the k landmarks whose keys best match unit queries ``q_SbK``;
+        with ``allowed_M`` (bool, at least k True) among those landmarks only."""
         keys_SKM = index.search_keys_SMK.transpose(1, 2)  # bmm, not einsum: einsum copied its output (1 ms a block)
+        blocked_M = None if allowed_M is None else ~allowed_M.to(keys_SKM.device)
+
         # In blocks of SEARCH_ROWS patches: the score block stays in cache between the matmul
         # and the top-k (1200 x 24576 at once is 59 MB). Same result, ~20 % faster on the CPU.
-        return torch.cat([top_k_indices(torch.bmm(q.to(keys_SKM.dtype), keys_SKM), k)
-                          for q in q_SbK.split(SEARCH_ROWS, dim=1)], dim=1)
+        def block(q_Sbk: torch.Tensor) -> torch.Tensor:
+            scores_SbM = torch.bmm(q_Sbk.to(keys_SKM.dtype), keys_SKM)
+            if blocked_M is not None:
+                scores_SbM.masked_fill_(blocked_M, float("-inf"))
+            return top_k_indices(scores_SbM, k)
 
-    def candidates(self, feats_SbF: torch.Tensor, index: LandmarkIndex, best_first: bool = False) -> torch.Tensor:
+        return torch.cat([block(q) for q in q_SbK.split(SEARCH_ROWS, dim=1)], dim=1)
+
+    def candidates(self, feats_SbF: torch.Tensor, index: LandmarkIndex, best_first: bool = False,
+                   allowed_M: torch.Tensor | None = None) -> torch.Tensor:
         """The landmarks each patch would attend to now (``S x b x attention_top_k`` indices); with
-        ``best_first`` the best-matching key (the attention's largest weight) in column 0.
+        ``best_first`` the best-matching key (the attention's largest weight) in column 0; with
+        ``allowed_M`` among those landmarks only (``search``).
 
         Mapping keeps these per mapping patch and passes them back to ``regress`` for a while:
         the search is ~3/4 of an iteration's time, and the keys move little between refreshes."""
         with torch.no_grad():
             q_SbK = self.queries(feats_SbF)[1]
-            idx_Sbk = self.search(q_SbK, index, self.config.attention_top_k)
+            idx_Sbk = self.search(q_SbK, index, self.config.attention_top_k, allowed_M)
             if not best_first:
                 return idx_Sbk
             s_idx = torch.arange(idx_Sbk.shape[0], device=idx_Sbk.device).view(-1, 1, 1)

@@ -375,6 +375,10 @@ class AcegLocalizer(LifecycleNode):
                      f"; it removes lens distortion k1={lens.distortion.k1:.4f} k2={lens.distortion.k2:.4f} from "
                      f"images of its mapping camera ({lens.camera.width}x{lens.camera.height}, fx {lens.camera.fx:.2f}) "
                      "and leaves other cameras' images as they are")
+        views = scene_map.views
+        if views is not None:
+            lens_text += (f"; it keeps its landmarks to visits of {views.window_s:g} s of its "
+                          f"{len(views.stamps_I)} mapping images")
         self.get_logger().info(f"loaded map {p} ({scene_map.method}) in {time.perf_counter() - t0:.2f} s{lens_text}")
         return Localizer(self._model, scene_map, P.pnp_config(self._values()))
 
@@ -853,11 +857,9 @@ class AcegLocalizer(LifecycleNode):
         return ""
 
     def _run_mapping(self, job: _MappingJob) -> None:
-        from aceg_model.landmarks import SweepConfig
-        from aceg_model.lens import LensConfig, lens_summary
+        from aceg_model.lens import lens_summary
         from aceg_model.localizer import Localizer
-        from aceg_model.mapping import MappingConfig, map_scene
-        from aceg_model.photo_depth import PhotoDepthConfig
+        from aceg_model.mapping import map_scene, mapping_config
         from aceg_ros.bag_io import read_bag_frames
 
         log = self.get_logger()
@@ -889,11 +891,10 @@ class AcegLocalizer(LifecycleNode):
                 undistort=v["undistort"])
             progress("reading_bag", 1, 1, {})
             dropped = _dropped_summary(report, len(frames))
-            cfg = MappingConfig(method=v["mapping.method"], iterations=v["mapping.iterations"],
-                                batch_patches=v["mapping.batch_patches"],
-                                sweep=SweepConfig(scale=v["mapping.sweep_scale"]),
-                                photo_depth=PhotoDepthConfig(enabled=v["mapping.photo_depth"]),
-                                lens=LensConfig(estimate=v["mapping.estimate_lens"]))
+            cfg = mapping_config(method=v["mapping.method"], iterations=v["mapping.iterations"],
+                                 batch_patches=v["mapping.batch_patches"], sweep_scale=v["mapping.sweep_scale"],
+                                 photo_depth=v["mapping.photo_depth"], estimate_lens=v["mapping.estimate_lens"],
+                                 visit_window_s=v["mapping.visit_window_s"])
             scene_map, rep = map_scene(self._model, frames, cfg, progress)
             out = Path(job.output).expanduser()
             progress("writing", 0, 1, {})

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 from aceg_model.landmarks import MAX_SWEEP_SCALE, SweepConfig
-from aceg_model.lens import LensConfig, lens_summary
-from aceg_model.mapping import METHODS, MappingConfig, map_scene, progress_bar
+from aceg_model.lens import lens_summary
+from aceg_model.mapping import METHODS, MappingConfig, map_scene, mapping_config, progress_bar
 from aceg_model.model import AcegModel, pick_device
-from aceg_model.photo_depth import PhotoDepthConfig
+from aceg_model.visits import VisitConfig
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "aceg_small.safetensors"
 
@@ -58,23 +58,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the plane sweep's landmark depths (no NCC sharpening on the raw pixels)")
     p.add_argument("--no-lens-estimate", action="store_true",
                    help="treat the camera as pinhole: do not estimate its radial lens distortion from the posed images")
+    p.add_argument("--visit-window", type=float, default=VisitConfig.window_s,
+                   help="seconds of the mapping sequence around each landmark's seed image that it belongs to, so "
+                        "drift between two visits of a place does not blur it; 0 = off")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = p.parse_args(argv)
     if args.iterations <= 0:
         p.error("--iterations must be > 0")
     if not 1 <= args.sweep_scale <= MAX_SWEEP_SCALE:
         p.error(f"--sweep-scale must be in 1..{MAX_SWEEP_SCALE}")
+    if not args.visit_window >= 0:
+        p.error(f"--visit-window must be >= 0 s (0 = off), got {args.visit_window}")
     try:
         model = AcegModel.load(args.model, pick_device(args.device))
         frames = load_frames(args)
         progress, bar = progress_bar(args.iterations, f"mapping {len(frames)} frames")
         t0 = time.perf_counter()
-        scene_map, report = map_scene(model, frames, MappingConfig(method=args.method, iterations=args.iterations,
-                                                                  sweep=SweepConfig(scale=args.sweep_scale),
-                                                                  photo_depth=PhotoDepthConfig(
-                                                                      enabled=not args.no_photo_depth),
-                                                                  lens=LensConfig(estimate=not args.no_lens_estimate)),
-                                      progress)
+        config = mapping_config(method=args.method, iterations=args.iterations, sweep_scale=args.sweep_scale,
+                                photo_depth=not args.no_photo_depth, estimate_lens=not args.no_lens_estimate,
+                                visit_window_s=args.visit_window)
+        scene_map, report = map_scene(model, frames, config, progress)
         bar.close()
         scene_map.save(args.out)
     except (ValueError, FileNotFoundError, OSError) as e:

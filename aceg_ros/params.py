@@ -94,6 +94,8 @@ PARAMETERS: tuple[Spec, ...] = (
          "the model's working resolution (240 px high) [px]", range=(1, 32)),
     Spec("pnp.photometric_refinement", True, "once a pose is accepted, place its inliers' landmarks by their grey "
          "windows (NCC) where the map carries them (mapped with mapping.photo_depth) and solve again"),
+    Spec("pnp.solve_in_visit", True, "once a pose is accepted, solve again on the landmarks of the mapping visit "
+         "nearest it, for maps that keep landmarks to visits (mapped with mapping.visit_window_s > 0)"),
     # Outputs.
     Spec("path.max_poses", 1000, "length of the trajectory (nav_msgs/Path) on 'path'; 0 = no path [poses]",
          range=(0, 100_000)),
@@ -132,6 +134,9 @@ PARAMETERS: tuple[Spec, ...] = (
          "images and their poses (epipolar agreement of SIFT matches), keep it only if it helps image pairs it "
          "was not fitted on, and remove it from mapping and query images; what camera_info's own distortion "
          "(see undistort) leaves, usually nothing (about 5-10 s per map)", CALL),
+    Spec("mapping.visit_window_s", 10.0, "keep each landmark to the mapping images taken within this time of "
+         "the image it was seeded in, so the pose drift between two visits of a place (tens of seconds apart) "
+         "does not blur it; 0 = off [s]", CALL, range=(0.0, 86_400.0)),
     Spec("mapping.method", "aceg", "aceg = optimize map codes of the pre-trained regressor; ace = the "
          "per-scene MLP baseline", CALL, choices=MAPPING_METHODS),
 )
@@ -145,7 +150,7 @@ _PNP_FIELDS = {"pnp.threshold_px": "threshold_px", "pnp.refined_threshold_px": "
                "pnp.min_inliers": "min_inliers", "pnp.top_k": "top_k",
                "pnp.max_uncertainty": "max_uncertainty", "pnp.max_iterations": "max_iterations",
                "pnp.refine_pixels": "refine_pixels", "pnp.refine_window_px": "refine_window_px",
-               "pnp.photometric_refinement": "photometric_refinement"}
+               "pnp.photometric_refinement": "photometric_refinement", "pnp.solve_in_visit": "solve_in_visit"}
 
 
 def descriptor(spec: Spec) -> ParameterDescriptor:
@@ -229,4 +234,5 @@ def pnp_config(values: dict[str, Any]) -> PnPConfig:
         refine_pixels=bool(v["pnp.refine_pixels"]),
         refine_window_px=int(v["pnp.refine_window_px"]),
         photometric_refinement=bool(v["pnp.photometric_refinement"]),
+        solve_in_visit=bool(v["pnp.solve_in_visit"]),
     )

@@ -254,8 +254,8 @@ class Regressor(nn.Module):
 
         # In blocks of SEARCH_ROWS patches: the score block stays in cache between the matmul
         # and the top-k (1200 x 24576 at once is 59 MB). Same result, ~20 % faster on the CPU.
-        def block(q_Sbk: torch.Tensor) -> torch.Tensor:
-            scores_SbM = torch.bmm(q_Sbk.to(keys_SKM.dtype), keys_SKM)
+        def block(rows_SbK: torch.Tensor) -> torch.Tensor:
+            scores_SbM = torch.bmm(rows_SbK.to(keys_SKM.dtype), keys_SKM)
             if blocked_M is not None:
                 scores_SbM.masked_fill_(blocked_M, float("-inf"))
             return top_k_indices(scores_SbM, k)

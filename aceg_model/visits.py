@@ -51,15 +51,17 @@ def same_visit(stamps_I: torch.Tensor, window_s: float) -> torch.Tensor:
 
 
 def visit_masks(stamps_I: torch.Tensor, seed_view_M: torch.Tensor, window_s: float, min_count: int
-                ) -> list[torch.Tensor | None]:
+                ) -> list[torch.Tensor | None] | None:
     """Per mapping view, the landmarks (``M`` bool) its patches may attend to: those seeded within
-    ``window_s`` seconds of it; None (all landmarks) where fewer than ``min_count`` are."""
+    ``window_s`` seconds of it; None (all landmarks) where fewer than ``min_count`` are, or all are.
+    None instead of the list where every view may attend to all (a sequence shorter than a visit)."""
     seed_stamps_M = stamps_I[seed_view_M.long()]
     masks: list[torch.Tensor | None] = []
     for t in stamps_I:
         mask = (seed_stamps_M - t).abs() <= window_s
-        masks.append(mask if int(mask.sum()) >= min_count else None)
-    return masks
+        count = int(mask.sum())
+        masks.append(mask if min_count <= count < len(mask) else None)
+    return None if all(m is None for m in masks) else masks
 
 
 @dataclass

@@ -50,6 +50,8 @@ def test_visit_masks_keep_each_view_to_its_visit_and_fall_back_where_it_has_too_
     assert masks[0].tolist() == [True, True, True, False, False, True, True, False, False]
     assert masks[3].tolist() == [False, False, False, True, True, False, False, True, False]
     assert masks[5] is None  # one landmark of its own: it may attend to all
+    # A sequence within one visit: no masks at all (the unmasked search).
+    assert visit_masks(stamps_I[:3], torch.tensor([0, 1, 2, 0]), 10.0, min_count=2) is None
     assert same_visit(stamps_I, 10.0)[0].tolist() == [True, True, True, False, False, False]
 
 

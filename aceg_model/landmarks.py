@@ -108,6 +108,14 @@ def neighbour_views(T_cam_map_I44: torch.Tensor, config: SweepConfig,
     return torch.where(torch.gather(score, 1, order).isfinite(), order, torch.full_like(order, -1))
 
 
+def parabola_vertex(centre: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """Offset (in steps, within +-0.5) of the vertex of the parabola through three equally spaced
+    scores; 0 where they do not form a maximum."""
+    curvature = lower - 2 * centre + upper
+    offset = 0.5 * (lower - upper) / curvature.clamp(max=-1e-6)
+    return torch.where(curvature < -1e-6, offset, torch.zeros_like(centre)).clamp(-0.5, 0.5)
+
+
 def scaled_pixels(pixels_b2: torch.Tensor, scale: float) -> torch.Tensor:
     """Pixels of an image -> pixels of the same image resized by ``scale`` (pixel-centre
     convention: the same rays)."""
@@ -247,9 +255,8 @@ def sweep_depths(views: SweepViews, images_C: torch.Tensor, pixels_C2: torch.Ten
             # neighbours, in inverse depth (the steps are ~5 % of the depth at 2 m).
             lo, hi = (arg - 1).clamp(min=0), (arg + 1).clamp(max=D - 1)
             s_lo, s_hi = mean_cos.gather(1, lo[:, None])[:, 0], mean_cos.gather(1, hi[:, None])[:, 0]
-            curv = s_lo - 2 * best + s_hi
-            shift = torch.where((lo < arg) & (hi > arg) & s_lo.isfinite() & s_hi.isfinite() & (curv < 0),
-                                0.5 * (s_lo - s_hi) / curv.clamp(max=-1e-9), torch.zeros_like(best)).clamp(-0.5, 0.5)
+            interior = (lo < arg) & (hi > arg) & s_lo.isfinite() & s_hi.isfinite()
+            shift = torch.where(interior, parabola_vertex(best, s_lo, s_hi), torch.zeros_like(best))
             step = inv_d[1] - inv_d[0]
             depth = 1.0 / (inv_d[arg] + shift * step)
             best_depth[rows] = torch.where(ok, depth, torch.full_like(best, float("nan")))

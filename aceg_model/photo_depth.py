@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from aceg_model.frames import Intrinsics
-from aceg_model.landmarks import scaled_pixels
+from aceg_model.landmarks import parabola_vertex, scaled_pixels
 from aceg_model.model import prepare_image
-from aceg_model.pixel_refinement import parabola_vertex
 
 
 @dataclass

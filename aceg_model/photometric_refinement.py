@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from aceg_model.landmarks import parabola_vertex
 from aceg_model.photo_depth import LandmarkWindows, sample_grey, zero_mean_unit, window_offsets
-from aceg_model.pixel_refinement import parabola_vertex
 
 
 def _ncc_at_shifts(template_LW: torch.Tensor, grey_HW: torch.Tensor, uv_LW2: torch.Tensor,

@@ -32,8 +32,8 @@ import torch
 
 from aceg_model.encoder import STRIDE
 from aceg_model.frames import Intrinsics
-from aceg_model.landmarks import (bilinear_corners, bilinear_cosine, neighbour_dots, patch_grid_coords,
-                                  scaled_pixels)
+from aceg_model.landmarks import (bilinear_corners, bilinear_cosine, neighbour_dots, parabola_vertex,
+                                  patch_grid_coords, scaled_pixels)
 from aceg_model.model import AcegModel, prepare_image
 
 
@@ -46,14 +46,6 @@ def encode_fine(model: AcegModel, image: np.ndarray, intrinsics: Intrinsics, sca
     feats_1Dhw = model.encoder(image_1HW.unsqueeze(0).to(model.device))
     hw = tuple(feats_1Dhw.shape[2:])
     return model.regressor.queries(feats_1Dhw[0].flatten(1).T.unsqueeze(0))[1][0], hw, K
-
-
-def parabola_vertex(centre: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
-    """Offset (in steps, within +-0.5) of the vertex of the parabola through three equally spaced
-    scores; 0 where they do not form a maximum."""
-    curvature = lower - 2 * centre + upper
-    offset = 0.5 * (lower - upper) / curvature.clamp(max=-1e-6)
-    return torch.where(curvature < -1e-6, offset, torch.zeros_like(centre)).clamp(-0.5, 0.5)
 
 
 def refine_pixels(fine_keys_PK: torch.Tensor, desc_QK: torch.Tensor, hw: tuple[int, int], scale: int,

@@ -366,7 +366,7 @@ def cache_features(model: AcegModel, frames: Sequence[Frame], centre_3: np.ndarr
 @torch.no_grad()
 def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch.Generator,
                sweep: SweepConfig | None = None, progress: Progress | None = None,
-               photo: PhotoDepthConfig | None = None, visit_window_s: float = 0.0
+               photo: PhotoDepthConfig | None = None, same_visit_II: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Initial codes from the mapping images alone: patches drawn across all images become
     landmarks, keyed by their own features and placed on their viewing rays. Also returns each
@@ -379,8 +379,8 @@ def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch
     sharpest sweep are kept; without it (or where the sweep finds nothing) landmarks sit at
     ``depth_m``. With ``photo`` (enabled) the swept depths are then sharpened by NCC of the
     mapping images' raw pixels (``aceg_model.photo_depth``; needs the cache's grey views).
-    With ``visit_window_s`` > 0 the sweep's neighbours come from the seed image's own visit
-    first (``aceg_model.visits``; needs the cache's stamps). The reprojection loss then refines
+    With ``same_visit_II`` (``visits.same_visit`` of the cache's stamps) the sweep's neighbours
+    come from the seed image's own visit first. The reprojection loss then refines
     them from every view whose patches attend."""
     M, n = model.config.regressor.n_codes, len(cache.feats_NF)
     n_cand = M if sweep is None else int(M * sweep.oversample)
@@ -391,12 +391,7 @@ def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch
         if cache.sweep_views is None or cache.sweep_views.scale != sweep.scale:
             raise ValueError(f"the feature cache holds no sweep views at scale {sweep.scale} "
                              f"(cache_features(..., sweep_scale={sweep.scale}))")
-        visit_II = None
-        if visit_window_s > 0:
-            if cache.stamps_I is None:
-                raise ValueError("keeping the sweep to visits needs the mapping images' stamps in the feature cache")
-            visit_II = same_visit(cache.stamps_I, visit_window_s)
-        neighbours_In = neighbour_views(cache.T_cam_map_I44, sweep, visit_II)  # the sweep's, and then the NCC step's
+        neighbours_In = neighbour_views(cache.T_cam_map_I44, sweep, same_visit_II)  # the sweep's, then the NCC step's
         swept, sharpness = sweep_depths(cache.sweep_views, cache.image_idx_N[sel], cache.pixels_N2[sel], sweep,
                                         progress and (lambda done, total: progress("seed", done, total, {})),
                                         neighbours_In)
@@ -481,11 +476,13 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
     t_encode = time.perf_counter() - t0
 
     gen = torch.Generator().manual_seed(cfg.seed)
+    keep_visits = cfg.method == "aceg" and cfg.visits.enabled
+    visit_II = same_visit(cache.stamps_I, cfg.visits.window_s) if keep_visits else None
     t_seed = time.perf_counter()
     if cfg.method == "aceg":
         codes, fine_keys_MK, seed_images_M = seed_codes(model, cache, cfg.loss.target_depth, gen,
                                                         cfg.sweep if cfg.sweep_seeds else None, progress,
-                                                        cfg.photo_depth, cfg.visits.window_s)
+                                                        cfg.photo_depth, visit_II)
         head = CodesHead(model.regressor, codes).train()
         groups = [{"params": [head.keys], "lr": cfg.lr_keys}, {"params": [head.positions], "lr": cfg.lr_positions}]
     else:
@@ -502,11 +499,9 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
     fine = None if fine_keys_MK is None else FineKeys(fine_keys_MK.half(), cfg.sweep.scale)
     refine = cfg.refine_pixels and fine is not None
     pixels_N2 = cache.pixels_N2
-    keep_visits = cfg.method == "aceg" and cfg.visits.enabled
     masks = None
     if refresh and keep_visits:  # each mapping image's patches attend to the landmarks of its visit
-        masks = visit_masks(cache.stamps_I, seed_images_M, cfg.visits.window_s,
-                            model.regressor.config.attention_top_k)
+        masks = visit_masks(visit_II, seed_images_M, model.regressor.config.attention_top_k)
     t1 = time.perf_counter()
     for it in range(cfg.iterations):
         if refresh and it % refresh == 0:
@@ -538,9 +533,10 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
                                    cfg.photo_depth.radius_px)
 
     views = None
-    if keep_visits:
-        views = MappingViews.from_poses(np.stack([frame_pose(frames, i) for i in range(len(frames))]),
-                                        cache.stamps_I.cpu().numpy(), seed_images_M.cpu().numpy(),
+    if keep_visits:  # the mapping poses as the cache holds them (relative to the map centre), not read again
+        T_world_cam_I44 = np.linalg.inv(cache.T_cam_map_I44.double().cpu().numpy())
+        T_world_cam_I44[:, :3, 3] += centre_3
+        views = MappingViews.from_poses(T_world_cam_I44, cache.stamps_I.cpu().numpy(), seed_images_M.cpu().numpy(),
                                         cfg.visits.window_s)
     report = MappingReport(cfg.method, len(frames), n, cfg.iterations, loss_val, stats["median_px"],
                            stats["valid"], t_encode, t_seed, t_opt, lens_estimate)

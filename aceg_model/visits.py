@@ -50,15 +50,14 @@ def same_visit(stamps_I: torch.Tensor, window_s: float) -> torch.Tensor:
     return (stamps_I[:, None] - stamps_I[None, :]).abs() <= window_s
 
 
-def visit_masks(stamps_I: torch.Tensor, seed_view_M: torch.Tensor, window_s: float, min_count: int
+def visit_masks(same_visit_II: torch.Tensor, seed_view_M: torch.Tensor, min_count: int
                 ) -> list[torch.Tensor | None] | None:
-    """Per mapping view, the landmarks (``M`` bool) its patches may attend to: those seeded within
-    ``window_s`` seconds of it; None (all landmarks) where fewer than ``min_count`` are, or all are.
-    None instead of the list where every view may attend to all (a sequence shorter than a visit)."""
-    seed_stamps_M = stamps_I[seed_view_M.long()]
+    """Per mapping view, the landmarks (``M`` bool) its patches may attend to: those seeded in its
+    visit (``same_visit_II`` from ``same_visit``); None (all landmarks) where fewer than
+    ``min_count`` are, or all are. None instead of the list where every view may attend to all
+    (a sequence shorter than a visit)."""
     masks: list[torch.Tensor | None] = []
-    for t in stamps_I:
-        mask = (seed_stamps_M - t).abs() <= window_s
+    for mask in same_visit_II[:, seed_view_M.long()]:
         count = int(mask.sum())
         masks.append(mask if min_count <= count < len(mask) else None)
     return None if all(m is None for m in masks) else masks

@@ -371,15 +371,15 @@ class AcegLocalizer(LifecycleNode):
             raise ValueError(f"map_path {str(p)!r} is not a file")
         scene_map = SceneMap.load(p, self._model)
         lens = scene_map.lens
-        lens_text = ("" if lens is None else
-                     f"; it removes lens distortion k1={lens.distortion.k1:.4f} k2={lens.distortion.k2:.4f} from "
-                     f"images of its mapping camera ({lens.camera.width}x{lens.camera.height}, fx {lens.camera.fx:.2f}) "
-                     "and leaves other cameras' images as they are")
+        notes = ("" if lens is None else
+                 f"; it removes lens distortion k1={lens.distortion.k1:.4f} k2={lens.distortion.k2:.4f} from "
+                 f"images of its mapping camera ({lens.camera.width}x{lens.camera.height}, fx {lens.camera.fx:.2f}) "
+                 "and leaves other cameras' images as they are")
         views = scene_map.views
         if views is not None:
-            lens_text += (f"; it keeps its landmarks to visits of {views.window_s:g} s of its "
-                          f"{len(views.stamps_I)} mapping images")
-        self.get_logger().info(f"loaded map {p} ({scene_map.method}) in {time.perf_counter() - t0:.2f} s{lens_text}")
+            notes += (f"; it keeps its landmarks to visits of {views.window_s:g} s of its "
+                      f"{len(views.stamps_I)} mapping images")
+        self.get_logger().info(f"loaded map {p} ({scene_map.method}) in {time.perf_counter() - t0:.2f} s{notes}")
         return Localizer(self._model, scene_map, P.pnp_config(self._values()))
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:

@@ -46,12 +46,12 @@ def test_masked_search_finds_the_best_allowed_landmarks() -> None:
 def test_visit_masks_keep_each_view_to_its_visit_and_fall_back_where_it_has_too_few() -> None:
     stamps_I = torch.tensor([0.0, 1.0, 2.0, 60.0, 61.0, 200.0], dtype=torch.float64)
     seed_view_M = torch.tensor([0, 1, 2, 3, 4, 0, 1, 3, 5])
-    masks = visit_masks(stamps_I, seed_view_M, 10.0, min_count=2)
+    masks = visit_masks(same_visit(stamps_I, 10.0), seed_view_M, min_count=2)
     assert masks[0].tolist() == [True, True, True, False, False, True, True, False, False]
     assert masks[3].tolist() == [False, False, False, True, True, False, False, True, False]
     assert masks[5] is None  # one landmark of its own: it may attend to all
     # A sequence within one visit: no masks at all (the unmasked search).
-    assert visit_masks(stamps_I[:3], torch.tensor([0, 1, 2, 0]), 10.0, min_count=2) is None
+    assert visit_masks(same_visit(stamps_I[:3], 10.0), torch.tensor([0, 1, 2, 0]), min_count=2) is None
     assert same_visit(stamps_I, 10.0)[0].tolist() == [True, True, True, False, False, False]
 
 
@@ -159,7 +159,7 @@ def test_mapping_patches_choose_among_the_landmarks_of_their_visit(model) -> Non
     head = CodesHead(model.regressor, model.regressor.init_codes(1, g)[0])
     stamps_I = torch.tensor([0.0, 5.0, 60.0, 65.0], dtype=torch.float64)
     seed_view_M = torch.randint(0, 4, (M,), generator=g)
-    masks = visit_masks(stamps_I, seed_view_M, 10.0, k)
+    masks = visit_masks(same_visit(stamps_I, 10.0), seed_view_M, k)
     feats_NF = torch.randn(4 * 50, model.config.encoder.out_dim, generator=g).half()  # image-major, 50 patches each
     cand_Nk = all_candidates(head, feats_NF, 64, best_first=True, masks=masks).long()
     first_visit_N = (torch.arange(200) < 100)[:, None]

@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-photometric", action="store_true",
                    help="keep the poses from the patch correspondences (no photometric refinement on the landmarks' "
                         "grey windows)")
+    p.add_argument("--seed-ray-sigma", type=float, default=PnPConfig.seed_ray_depth_sigma,
+                   help="depth uncertainty along the seed rays in the final fit, as a fraction of the depth "
+                        "(0 = trust landmark depths like their rays; see aceg_model.seed_rays)")
     p.add_argument("--max-query", type=int, default=None, help="evaluate only every n-th query so at most this many")
     p.add_argument("--perturb", nargs="*", choices=PERTURBATIONS, default=None,
                    help="also evaluate under these photometric changes (none given: all)")
@@ -146,13 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.save_map:
             scene_map.save(args.save_map)
     localizer = Localizer(model, scene_map, PnPConfig(top_k=args.top_k or None, refine_pixels=not args.no_refine_pixels,
-                                                      photometric_refinement=not args.no_photometric))
+                                                      photometric_refinement=not args.no_photometric,
+                                                      seed_ray_depth_sigma=args.seed_ray_sigma))
     result = {"method": args.method, "data": str(args.data), "model": str(args.model), "device": str(device),
               "n_mapping": len(mapping), "mapping_seconds": mapping_seconds,
               "refine_pixels": localizer.refines_pixels, "photometric": localizer.refines_photometrically,
               "lens": None if scene_map.lens is None else scene_map.lens.to_meta(),
               "visit_window_s": None if scene_map.views is None else scene_map.views.window_s,
-              "solve_in_visit": localizer.solves_in_visit}
+              "solve_in_visit": localizer.solves_in_visit,
+              "seed_ray_depth_sigma": localizer.pnp.seed_ray_depth_sigma if localizer.refines_along_seed_rays else 0.0}
     result.update(evaluate_queries(localizer, queries))
     if args.perturb is not None:
         result["perturbed"] = {}
@@ -167,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         refined += ", poses refined on the landmarks' grey windows"
     if localizer.solves_in_visit:
         refined += f", poses solved again within a {scene_map.views.window_s:g} s mapping visit"
+    if localizer.refines_along_seed_rays:
+        refined += f", landmark depths {100 * localizer.pnp.seed_ray_depth_sigma:g} % uncertain in the final fit"
     lens = scene_map.lens
     lens_text = ("pinhole camera" if lens is None else
                  f"lens distortion k1={lens.distortion.k1:.3f} k2={lens.distortion.k2:.3f} removed")

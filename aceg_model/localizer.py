@@ -6,7 +6,8 @@ refine each patch's pixel to where its landmark lies (``aceg_model.pixel_refinem
 prefilter by uncertainty -> robust PnP (poselib RANSAC + refinement) ->
 solve again on the landmarks of the mapping visit nearest that pose (``aceg_model.visits``) ->
 place the inliers' landmarks by their raw pixels and solve again
-(``aceg_model.photometric_refinement``) -> 6x6 covariance from the inliers (``aceg_model.pnp``).
+(``aceg_model.photometric_refinement``) -> fit the pose once more with each landmark's depth along
+its seed ray left uncertain (``aceg_model.seed_rays``) -> 6x6 covariance from the inliers.
 The network and the scene head stay on one device for the whole run.
 """
 from __future__ import annotations
@@ -26,7 +27,9 @@ from aceg_model.model import AcegModel, prepare_image, to_original_pixels
 from aceg_model.photo_depth import grey_image
 from aceg_model.photometric_refinement import refine_observations
 from aceg_model.pixel_refinement import encode_fine, refine_pixels
-from aceg_model.pnp import PnPConfig, PnPResult, refine_with_candidates, solve_pnp
+from aceg_model.pnp import (DegenerateGeometryError, PnPConfig, PnPResult, pose_covariance, refine_with_candidates,
+                             solve_pnp)
+from aceg_model.seed_rays import refine_along_seed_rays
 from aceg_model.visits import solve_in_visit
 
 
@@ -41,6 +44,18 @@ class LocalizationResult:
     n_inliers: int
     n_correspondences: int
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Observations:
+    """What a solve was given: per correspondence the landmark (map index), its 3D point (map
+    frame) and where the query sees it (original image pixels)."""
+    landmark_N: np.ndarray
+    points_N3: np.ndarray
+    pixels_N2: np.ndarray
+
+    def subset(self, keep_N: np.ndarray) -> "_Observations":
+        return _Observations(self.landmark_N[keep_N], self.points_N3[keep_N], self.pixels_N2[keep_N])
 
 
 class Localizer:
@@ -137,16 +152,21 @@ class Localizer:
         if candidates is not None:
             res = refine_with_candidates(res, candidates, pixels, intrinsics, pnp)
         timings.update({f"pnp_{k}" if not k.startswith("pnp") else k: v for k, v in res.timings_ms.items()})
+        observed = _Observations(best, coords, pixels)
         if res.success and best is not None and self.solves_in_visit:
             t0 = time.perf_counter()
             res, keep = solve_in_visit(res, self.scene_map.views, best, coords, pixels, np.exp(log_sigma),
                                        intrinsics, pnp)
-            best = best[keep]
+            observed = observed.subset(keep)
             timings["visit"] = 1e3 * (time.perf_counter() - t0)
         if res.success and best is not None and self.refines_photometrically:
             t0 = time.perf_counter()
-            res = self._refine_photometrically(res, best, image, intrinsics)
+            res, observed = self._refine_photometrically(res, observed, image, intrinsics)
             timings["photometric"] = 1e3 * (time.perf_counter() - t0)
+        if res.success and best is not None and self.refines_along_seed_rays:
+            t0 = time.perf_counter()
+            res = self._refine_along_seed_rays(res, observed, intrinsics)
+            timings["seed_rays"] = 1e3 * (time.perf_counter() - t0)
         timings["total"] = sum(v for k, v in timings.items())
         return LocalizationResult(res.success, res.reason, res.T_world_cam if res.success else None,
                                   res.covariance_66 if res.success else None, int(res.n_inliers),
@@ -157,13 +177,20 @@ class Localizer:
         """Whether accepted poses are solved again within one mapping visit (setting on, map with views)."""
         return self.pnp.solve_in_visit and self.scene_map.views is not None
 
+    @property
+    def refines_along_seed_rays(self) -> bool:
+        """Whether the final fit lets landmarks slide along their seed rays (setting on, map with views)."""
+        return self.pnp.seed_ray_depth_sigma > 0 and self.scene_map.views is not None
+
     @torch.inference_mode()
-    def _refine_photometrically(self, res: PnPResult, best_N: np.ndarray, image: np.ndarray,
-                                intrinsics: Intrinsics) -> PnPResult:
+    def _refine_photometrically(self, res: PnPResult, observed: "_Observations", image: np.ndarray,
+                                intrinsics: Intrinsics) -> tuple[PnPResult, "_Observations"]:
         """The pose solved again on the raw-pixel observations of its inliers' landmarks
-        (``aceg_model.photometric_refinement``); ``res`` itself where that finds too little."""
+        (``aceg_model.photometric_refinement``), with what it was solved on; ``res`` and
+        ``observed`` themselves where that finds too little."""
         windows, pnp = self.scene_map.windows, self.pnp_config()
-        ids = torch.as_tensor(np.unique(best_N[res.inlier_mask]), device=self.device)
+        ids_N = np.unique(observed.landmark_N[res.inlier_mask])
+        ids = torch.as_tensor(ids_N, device=self.device)
         positions = self.scene_map.landmark_positions(ids).float()
         positions_N3 = positions.cpu().numpy().astype(np.float64)
         grey, K = grey_image(image, intrinsics, self.model.config.image_height, windows.scale)
@@ -181,8 +208,27 @@ class Localizer:
             again = solve_pnp(positions_N3[ok], pixels_N2, intrinsics, pnp)
             if not again.success:
                 break
-            out = again
-        return out
+            out, observed = again, _Observations(ids_N[ok], positions_N3[ok], pixels_N2)
+        return out, observed
+
+    def _refine_along_seed_rays(self, res: PnPResult, observed: "_Observations",
+                                intrinsics: Intrinsics) -> PnPResult:
+        """The accepted pose refitted to its inliers with each landmark's depth along its seed ray
+        uncertain (``aceg_model.seed_rays``), with the covariance of that fit; ``res`` where the
+        inliers leave the fit degenerate."""
+        pnp, inlier_N = self.pnp_config(), res.inlier_mask
+        views = self.scene_map.views
+        seed_centres_N3 = views.centres_I3[views.seed_view_M[observed.landmark_N[inlier_N]]]
+        points_N3, pixels_N2 = observed.points_N3[inlier_N], observed.pixels_N2[inlier_N]
+        px_scale = pnp.threshold_for(intrinsics.height) / pnp.threshold_px
+        T, whiten_N22 = refine_along_seed_rays(res.T_world_cam, points_N3, seed_centres_N3, pixels_N2, intrinsics,
+                                               pnp.seed_ray_depth_sigma, pnp.seed_ray_sigma_px * px_scale,
+                                               0.5 * pnp.threshold_for(intrinsics.height))
+        try:
+            cov_66, sigma_px = pose_covariance(T, points_N3, pixels_N2, intrinsics, pnp.sigma_floor_px, whiten_N22)
+        except DegenerateGeometryError:
+            return res
+        return replace(res, T_world_cam=T, covariance_66=cov_66, sigma_px=sigma_px)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

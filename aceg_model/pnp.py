@@ -112,6 +112,15 @@ class PnPConfig:
     # the pose, so one visit's poses decide it; the pose stays as it was if that finds fewer
     # than min_inliers inliers.
     solve_in_visit: bool = True
+    # Optional final fit (``aceg_model.seed_rays``): each inlier landmark's depth along the ray of
+    # the mapping view it was seeded from gets a prior of seed_ray_depth_sigma x its depth instead
+    # of being trusted like the ray; observations are otherwise uncertain by seed_ray_sigma_px (at
+    # reference_height_px, scaled like the threshold). 0 = off (default). At 0.05 (a pixel or two of
+    # pose disagreement over the plane sweep's ~8 cm baselines at ~2 m moves a depth by 4-8 %) it
+    # gained 3 points at 5cm/5deg on a generated room with drifting poses, lost 2 of 25 KITTI 06
+    # frames and lost 2.7 points on the kitchen: not adopted (models/README.md, "Seed rays").
+    seed_ray_depth_sigma: float = 0.0
+    seed_ray_sigma_px: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -141,6 +150,10 @@ class PnPConfig:
             raise ValueError(f"max_uncertainty must be > 0 or None, got {self.max_uncertainty}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if not (np.isfinite(self.seed_ray_depth_sigma) and self.seed_ray_depth_sigma >= 0):
+            raise ValueError(f"seed_ray_depth_sigma must be >= 0 (0 = off), got {self.seed_ray_depth_sigma}")
+        if not (np.isfinite(self.seed_ray_sigma_px) and self.seed_ray_sigma_px > 0):
+            raise ValueError(f"seed_ray_sigma_px must be > 0 px, got {self.seed_ray_sigma_px}")
         if not (np.isfinite(self.sigma_floor_px) and self.sigma_floor_px > 0):
             raise ValueError(f"sigma_floor_px must be > 0 px, got {self.sigma_floor_px}")
 
@@ -224,6 +237,7 @@ def pose_covariance(
     pixels_N2: np.ndarray,
     intrinsics: Intrinsics,
     sigma_floor_px: float = 0.5,
+    whiten_N22: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
     """First-order 6x6 covariance of a camera pose fitted to inlier correspondences.
 
@@ -239,8 +253,11 @@ def pose_covariance(
     ``dtheta_c = R_cw dtheta``, where the Jacobian is simplest), gives
     ``cov_cam = sigma² (JᵀJ)⁻¹``; sigma² = sum(r²) / (2N - 6), floored at
     ``sigma_floor_px²``. Then ``cov = A cov_cam Aᵀ`` with ``A = diag(R_wc, R_wc)``.
-    Returns (cov_66, sigma_px); raises :class:`DegenerateGeometryError` when
-    the inliers leave a direction unconstrained (e.g. collinear points).
+    ``whiten_N22``: optional per-observation 2x2 matrices applied to the
+    residuals and their Jacobian first, for fits whose observations are not
+    isotropic (``aceg_model.seed_rays``). Returns (cov_66, sigma_px); raises
+    :class:`DegenerateGeometryError` when the inliers leave a direction
+    unconstrained (e.g. collinear points).
     """
     if len(points_world_N3) < 3:
         raise DegenerateGeometryError(f"degenerate geometry: {len(points_world_N3)} points cannot fix 6 DoF")
@@ -256,7 +273,11 @@ def pose_covariance(
     dpi_N23[:, 1, 2] = -intrinsics.fy * y_N / z_N**2
     # d(point in camera)/d(dp_c, dtheta_c) = [-I, [X_cam]x]
     dX_N36 = np.concatenate([np.broadcast_to(-np.eye(3), (len(z_N), 3, 3)), skew(points_cam_N3)], axis=2)
-    J_2N6 = (dpi_N23 @ dX_N36).reshape(-1, 6)
+    J_N26 = dpi_N23 @ dX_N36
+    residuals_N2 = proj_N2 - pixels_N2
+    if whiten_N22 is not None:
+        J_N26, residuals_N2 = whiten_N22 @ J_N26, np.einsum("nij,nj->ni", whiten_N22, residuals_N2)
+    J_2N6 = J_N26.reshape(-1, 6)
     H_66 = J_2N6.T @ J_2N6
 
     # Degeneracy test on the unit-free (correlation-scaled) normal matrix.
@@ -269,7 +290,7 @@ def pose_covariance(
             f"degenerate geometry: a pose direction is unconstrained (eigenvalue ratio {eig_6[0] / eig_6[-1]:.1e})"
         )
 
-    residuals_2N = (proj_N2 - pixels_N2).reshape(-1)
+    residuals_2N = residuals_N2.reshape(-1)
     sigma2 = max(float(residuals_2N @ residuals_2N) / max(len(residuals_2N) - 6, 1), sigma_floor_px**2)
     cov_cam_66 = sigma2 * np.linalg.inv(H_66)
     A_66 = np.kron(np.eye(2), T_world_cam[:3, :3])

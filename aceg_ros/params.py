@@ -96,6 +96,9 @@ PARAMETERS: tuple[Spec, ...] = (
          "windows (NCC) where the map carries them (mapped with mapping.photo_depth) and solve again"),
     Spec("pnp.solve_in_visit", True, "once a pose is accepted, solve again on the landmarks of the mapping visit "
          "nearest it, for maps that keep landmarks to visits (mapped with mapping.visit_window_s > 0)"),
+    Spec("pnp.seed_ray_depth_sigma", PnPConfig.seed_ray_depth_sigma, "the final fit leaves each inlier landmark's "
+         "depth along the ray of the mapping view it was seeded from uncertain by this fraction of the depth "
+         "(maps that record their views); 0 = trust depths like rays [fraction]", range=(0.0, 1.0)),
     # Outputs.
     Spec("path.max_poses", 1000, "length of the trajectory (nav_msgs/Path) on 'path'; 0 = no path [poses]",
          range=(0, 100_000)),
@@ -150,7 +153,8 @@ _PNP_FIELDS = {"pnp.threshold_px": "threshold_px", "pnp.refined_threshold_px": "
                "pnp.min_inliers": "min_inliers", "pnp.top_k": "top_k",
                "pnp.max_uncertainty": "max_uncertainty", "pnp.max_iterations": "max_iterations",
                "pnp.refine_pixels": "refine_pixels", "pnp.refine_window_px": "refine_window_px",
-               "pnp.photometric_refinement": "photometric_refinement", "pnp.solve_in_visit": "solve_in_visit"}
+               "pnp.photometric_refinement": "photometric_refinement", "pnp.solve_in_visit": "solve_in_visit",
+               "pnp.seed_ray_depth_sigma": "seed_ray_depth_sigma"}
 
 
 def descriptor(spec: Spec) -> ParameterDescriptor:
@@ -235,4 +239,5 @@ def pnp_config(values: dict[str, Any]) -> PnPConfig:
         refine_window_px=int(v["pnp.refine_window_px"]),
         photometric_refinement=bool(v["pnp.photometric_refinement"]),
         solve_in_visit=bool(v["pnp.solve_in_visit"]),
+        seed_ray_depth_sigma=float(v["pnp.seed_ray_depth_sigma"]),
     )

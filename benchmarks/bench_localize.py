@@ -36,7 +36,7 @@ NAME = "bench_localize"
 # Localizer timing keys -> the stage names reported here.
 STAGES = {"undistort": "undistort", "encoder": "encoder", "regressor": "regressor", "refine_pixels": "refine_pixels",
           "pnp_prefilter": "prefilter", "pnp_ransac": "ransac", "pnp_covariance": "covariance",
-          "visit": "visit", "photometric": "photometric", "total": "total"}
+          "visit": "visit", "photometric": "photometric", "seed_rays": "seed_rays", "total": "total"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -121,6 +121,29 @@ def test_photometric_refinement_sharpens_the_poses(mapped) -> None:
     assert after < 0.8 * before and after < 0.01, (after, before)
 
 
+@pytest.mark.parametrize("photometric", [True, False])
+def test_seed_ray_fit_keeps_the_poses_and_widens_the_covariance(mapped, photometric: bool) -> None:
+    """With ``seed_ray_depth_sigma`` the final fit leaves landmark depths uncertain along their seed
+    rays (``aceg_model.seed_rays``), after the photometric step or on the patch correspondences:
+    on a room whose depths are good the poses stay as close to the truth, the localizer reports
+    the stage, and the covariance grows (the depths count for less)."""
+    model, scene_map, _, scene = mapped
+    base = PnPConfig(photometric_refinement=photometric)
+    fixed, sliding = Localizer(model, scene_map, base), Localizer(model, scene_map, replace(base, seed_ray_depth_sigma=0.05))
+    assert sliding.refines_along_seed_rays and not fixed.refines_along_seed_rays
+    errors, widened = {"fixed": [], "sliding": []}, []
+    for frame in scene.queries["lighting"]:
+        a, b = fixed.localize(frame.image, frame.intrinsics), sliding.localize(frame.image, frame.intrinsics)
+        assert a.success and b.success and "seed_rays" in b.timings_ms and "seed_rays" not in a.timings_ms
+        errors["fixed"].append(pose_error(a.T_world_cam, frame.T_world_cam)[0])
+        errors["sliding"].append(pose_error(b.T_world_cam, frame.T_world_cam)[0])
+        widened.append(np.trace(b.covariance_66[:3, :3]) > np.trace(a.covariance_66[:3, :3]))
+    before, after = np.median(errors["fixed"]), np.median(errors["sliding"])
+    print(f"median translation error: depths fixed {100 * before:.2f} cm, sliding on seed rays {100 * after:.2f} cm")
+    assert after < 1.5 * before + 0.002, (after, before)
+    assert np.mean(widened) >= 0.75, widened
+
+
 def test_uncertainty_ranks_correspondences(mapped) -> None:
     """The most certain quarter of the regressed points holds more inliers (under the true pose) than all."""
     model, scene_map, _, scene = mapped

@@ -25,6 +25,7 @@ from aceg_model.mapping import METHODS, MappingConfig, SceneMap, map_scene, mapp
 from aceg_model.metrics import accuracy_summary
 from aceg_model.model import AcegModel, pick_device
 from aceg_model.pnp import PnPConfig
+from aceg_model.pose_check import pose_check_summary
 from aceg_model.visits import VisitConfig
 
 PERTURBATIONS = ("darker", "tinted", "blurred")
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the plane sweep's landmark depths (no NCC sharpening on the raw pixels; ablation)")
     p.add_argument("--no-lens-estimate", action="store_true",
                    help="treat the camera as pinhole (do not estimate and remove its radial lens distortion; ablation)")
+    p.add_argument("--no-pose-check", action="store_true",
+                   help="do not compare the mapping poses with the images (pairs a moment apart; a report only)")
     p.add_argument("--visit-window", type=float, default=VisitConfig.window_s,
                    help="seconds of the mapping sequence a landmark belongs to around its seed image; "
                         "0 = off (ablation)")
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
+    pose_check = None
     if args.map:
         scene_map = SceneMap.load(args.map, model)
         mapping_seconds = 0.0
@@ -142,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         config = mapping_config(method=args.method, iterations=args.iterations, batch_patches=args.batch_patches,
                                 sweep_seeds=not args.fixed_depth_seeds, sweep_scale=args.sweep_scale,
                                 photo_depth=not args.no_photo_depth, estimate_lens=not args.no_lens_estimate,
-                                visit_window_s=args.visit_window)
+                                visit_window_s=args.visit_window, check_poses=not args.no_pose_check)
         scene_map, report = map_scene(model, mapping, config, progress)
         bar.close()
+        pose_check = report.pose_check
         mapping_seconds = time.perf_counter() - t0
         if args.save_map:
             scene_map.save(args.save_map)
@@ -155,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
               "n_mapping": len(mapping), "mapping_seconds": mapping_seconds,
               "refine_pixels": localizer.refines_pixels, "photometric": localizer.refines_photometrically,
               "lens": None if scene_map.lens is None else scene_map.lens.to_meta(),
+              "pose_check": None if pose_check is None else pose_check.to_json(),
               "visit_window_s": None if scene_map.views is None else scene_map.views.window_s,
               "solve_in_visit": localizer.solves_in_visit,
               "seed_ray_depth_sigma": localizer.pnp.seed_ray_depth_sigma if localizer.refines_along_seed_rays else 0.0}
@@ -178,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     lens_text = ("pinhole camera" if lens is None else
                  f"lens distortion k1={lens.distortion.k1:.3f} k2={lens.distortion.k2:.3f} removed")
     print(f"{args.method}: mapping {mapping_seconds:.0f} s, {len(queries)} queries, {refined}, {lens_text}")
+    if pose_check is not None:
+        print(f"  {pose_check_summary(pose_check)}")
     for name, r in rows:
         print(f"  {name:12s} 5cm/5deg {r['pct_5cm_5deg']:5.1f}%  10cm/10deg {r['pct_10cm_10deg']:5.1f}%  "
               f"median {r['median_trans_cm']:.1f} cm / {r['median_rot_deg']:.2f} deg  failed {r['n_failed']}  "

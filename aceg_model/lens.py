@@ -149,12 +149,14 @@ class LensEstimate:
 
 
 @dataclass
-class _PairMatches:
+class PairMatches:
     xa_N2: np.ndarray  # pixels in image a
     xb_N2: np.ndarray
     E_33: np.ndarray  # essential matrix from the poses: x_a^T E x_b = 0 (normalized coordinates)
     intrinsics_a: Intrinsics
     intrinsics_b: Intrinsics
+    frames_ab: tuple[int, int] = (-1, -1)  # which images, as indices of the frames matched
+    names_ab: tuple[str, str] = ("", "")  # and as the frames name them
 
 
 def select_pairs(poses_I44: np.ndarray, config: LensConfig) -> list[tuple[int, int]]:
@@ -189,7 +191,7 @@ def _essential(T_world_a: np.ndarray, T_world_b: np.ndarray) -> np.ndarray:
     return skew(T_ab[:3, 3]) @ T_ab[:3, :3]
 
 
-def _normalized(pixels_N2: np.ndarray, intrinsics: Intrinsics, distortion: RadialDistortion) -> np.ndarray:
+def normalized(pixels_N2: np.ndarray, intrinsics: Intrinsics, distortion: RadialDistortion) -> np.ndarray:
     """Undistorted normalized coordinates of distorted pixels. The radial model is inverted by
     fixed-point iteration, which converges for the mild distortions a pinhole-used lens has."""
     xd = (pixels_N2 - [intrinsics.cx, intrinsics.cy]) / [intrinsics.fx, intrinsics.fy]
@@ -200,10 +202,10 @@ def _normalized(pixels_N2: np.ndarray, intrinsics: Intrinsics, distortion: Radia
     return xu
 
 
-def epipolar_px(pair: _PairMatches, distortion: RadialDistortion) -> np.ndarray:
+def epipolar_px(pair: PairMatches, distortion: RadialDistortion) -> np.ndarray:
     """Sampson distance of each match to the pair's epipolar geometry, in pixels of image a."""
-    na = np.c_[_normalized(pair.xa_N2, pair.intrinsics_a, distortion), np.ones(len(pair.xa_N2))]
-    nb = np.c_[_normalized(pair.xb_N2, pair.intrinsics_b, distortion), np.ones(len(pair.xb_N2))]
+    na = np.c_[normalized(pair.xa_N2, pair.intrinsics_a, distortion), np.ones(len(pair.xa_N2))]
+    nb = np.c_[normalized(pair.xb_N2, pair.intrinsics_b, distortion), np.ones(len(pair.xb_N2))]
     Eb, Ea = nb @ pair.E_33.T, na @ pair.E_33
     num = np.sum(na * Eb, axis=1) ** 2
     den = Eb[:, 0] ** 2 + Eb[:, 1] ** 2 + Ea[:, 0] ** 2 + Ea[:, 1] ** 2
@@ -215,7 +217,7 @@ def _grey(image: np.ndarray) -> np.ndarray:
     return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
 
 
-def _match_pairs(frames: Sequence[Frame], pairs: list[tuple[int, int]], config: LensConfig) -> list[_PairMatches]:
+def match_pairs(frames: Sequence[Frame], pairs: list[tuple[int, int]], config: LensConfig) -> list[PairMatches]:
     sift = cv2.SIFT_create(config.max_features)
     matcher = cv2.BFMatcher(cv2.NORM_L2)
     features: dict[int, tuple[np.ndarray, np.ndarray | None, Frame]] = {}
@@ -236,20 +238,21 @@ def _match_pairs(frames: Sequence[Frame], pairs: list[tuple[int, int]], config: 
         good = [m[0] for m in knn if len(m) == 2 and m[0].distance < config.ratio * m[1].distance]
         if not good:
             continue
-        pair = _PairMatches(pa[[m.queryIdx for m in good]], pb[[m.trainIdx for m in good]],
-                            _essential(fa.T_world_cam, fb.T_world_cam), fa.intrinsics, fb.intrinsics)
+        pair = PairMatches(pa[[m.queryIdx for m in good]], pb[[m.trainIdx for m in good]],
+                            _essential(fa.T_world_cam, fb.T_world_cam), fa.intrinsics, fb.intrinsics, (i, j),
+                            (fa.name, fb.name))
         keep = epipolar_px(pair, RadialDistortion()) < config.max_epipolar_px
         if keep.sum() >= 8:
             out.append(replace(pair, xa_N2=pair.xa_N2[keep], xb_N2=pair.xb_N2[keep]))
     return out
 
 
-def _robust_cost(pairs: list[_PairMatches], distortion: RadialDistortion, scale_px: float) -> float:
+def _robust_cost(pairs: list[PairMatches], distortion: RadialDistortion, scale_px: float) -> float:
     d = np.concatenate([epipolar_px(p, distortion) for p in pairs])
     return float(np.mean(np.log1p((d / scale_px) ** 2)))
 
 
-def _fit(pairs: list[_PairMatches], config: LensConfig, n_terms: int) -> RadialDistortion:
+def _fit(pairs: list[PairMatches], config: LensConfig, n_terms: int) -> RadialDistortion:
     """k1 alone (``n_terms`` 1) or k1 and k2 (2), by robust least squares from zero."""
     def residuals(k: np.ndarray) -> np.ndarray:
         return np.concatenate([epipolar_px(p, RadialDistortion(*k)) for p in pairs])
@@ -277,7 +280,7 @@ def estimate_distortion(frames: Sequence[Frame], config: LensConfig | None = Non
     if len(pairs) < 2:
         return result(RadialDistortion(), False, f"only {len(pairs)} image pairs with a baseline >= "
                       f"{cfg.min_baseline_m} m and {cfg.min_angle_deg}-{cfg.max_angle_deg} deg of rotation")
-    matches = _match_pairs(frames, pairs, cfg)
+    matches = match_pairs(frames, pairs, cfg)
     n_matches = sum(len(p.xa_N2) for p in matches)
     counts = dict(n_pairs=len(matches), n_matches=n_matches)
     if len(matches) < 2 or n_matches < cfg.min_matches:

@@ -33,6 +33,7 @@ from aceg_model.model import AcegModel, prepare_image
 from aceg_model.photo_depth import (GreyViews, LandmarkWindows, PhotoDepthConfig, grey_image, landmark_windows,
                                     refine_depths)
 from aceg_model.pixel_refinement import encode_fine, refine_pixels
+from aceg_model.pose_check import PoseCheck, PoseCheckConfig, check_poses
 from aceg_model.visits import MappingViews, VisitConfig, same_visit, visit_masks
 
 MAP_KIND = "aceg-map"
@@ -76,6 +77,9 @@ class MappingConfig:
     # The lens's radial distortion, estimated from the posed mapping images and removed from
     # them and from the queries (``aceg_model.lens``); zero for a pinhole camera.
     lens: LensConfig = field(default_factory=LensConfig)
+    # Whether the poses agree with the images, pair by pair a moment apart; reported, not
+    # corrected (``aceg_model.pose_check``).
+    pose_check: PoseCheckConfig = field(default_factory=PoseCheckConfig)
     # Each landmark kept to the stretch of the mapping sequence it was seeded in, so that the drift
     # between two visits of a place does not blur it (``aceg_model.visits``; ACE-G only).
     visits: VisitConfig = field(default_factory=VisitConfig)
@@ -95,12 +99,13 @@ class MappingConfig:
 def mapping_config(*, method: str = "aceg", iterations: int = MappingConfig.iterations,
                    batch_patches: int = MappingConfig.batch_patches, sweep_seeds: bool = True,
                    sweep_scale: int = SweepConfig.scale, photo_depth: bool = True, estimate_lens: bool = True,
-                   visit_window_s: float = VisitConfig.window_s) -> MappingConfig:
+                   visit_window_s: float = VisitConfig.window_s, check_poses: bool = True) -> MappingConfig:
     """A ``MappingConfig`` from the flat options the tools offer (``aceg-map``, ``aceg-eval``, the
     node's ``mapping.*`` parameters); the rest keep their defaults. ValueError if invalid."""
     return MappingConfig(method=method, iterations=iterations, batch_patches=batch_patches, sweep_seeds=sweep_seeds,
                          sweep=SweepConfig(scale=sweep_scale), photo_depth=PhotoDepthConfig(enabled=photo_depth),
-                         lens=LensConfig(estimate=estimate_lens), visits=VisitConfig(window_s=visit_window_s))
+                         lens=LensConfig(estimate=estimate_lens), visits=VisitConfig(window_s=visit_window_s),
+                         pose_check=PoseCheckConfig(enabled=check_poses))
 
 
 def make_head(model: AcegModel, method: str, seed: int = 0) -> torch.nn.Module:
@@ -281,10 +286,12 @@ class MappingReport:
     seconds_seed: float  # placing the landmarks (plane sweep); 0 for the MLP baseline
     seconds_optimize: float
     lens: LensEstimate | None = None  # None when the estimate was switched off
+    pose_check: PoseCheck | None = None  # None when the check was switched off
 
     @property
     def seconds(self) -> float:
-        return self.seconds_encode + self.seconds_seed + self.seconds_optimize + (self.lens.seconds if self.lens else 0)
+        return (self.seconds_encode + self.seconds_seed + self.seconds_optimize
+                + (self.lens.seconds if self.lens else 0) + (self.pose_check.seconds if self.pose_check else 0))
 
 
 @dataclass
@@ -467,7 +474,15 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
                                     "reason": lens_estimate.reason})
         if lens_estimate.accepted:
             lens = MappingLens(frames[0].intrinsics, lens_estimate.distortion)
-            frames = UndistortedFrames(frames, lens.distortion)
+    pose_check = None
+    if cfg.pose_check.enabled:
+        if progress:
+            progress("pose check", 0, 1, {})
+        pose_check = check_poses(frames, lens.distortion if lens else None, cfg.pose_check)
+        if progress:
+            progress("pose check", 1, 1, {"median_px": pose_check.median_px, "flagged": len(pose_check.flagged)})
+    if lens is not None:
+        frames = UndistortedFrames(frames, lens.distortion)
 
     t0 = time.perf_counter()
     sweep_scale = cfg.sweep.scale if cfg.method == "aceg" and cfg.sweep_seeds else None
@@ -539,7 +554,7 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
         views = MappingViews.from_poses(T_world_cam_I44, cache.stamps_I.cpu().numpy(), seed_images_M.cpu().numpy(),
                                         cfg.visits.window_s)
     report = MappingReport(cfg.method, len(frames), n, cfg.iterations, loss_val, stats["median_px"],
-                           stats["valid"], t_encode, t_seed, t_opt, lens_estimate)
+                           stats["valid"], t_encode, t_seed, t_opt, lens_estimate, pose_check)
     meta = {
         "model_hash": model.model_hash(),
         "scene_frame": "map: the mapping poses' world frame; scene coords = centre + head output (m)",

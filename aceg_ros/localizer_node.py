@@ -860,6 +860,7 @@ class AcegLocalizer(LifecycleNode):
         from aceg_model.lens import lens_summary
         from aceg_model.localizer import Localizer
         from aceg_model.mapping import map_scene, mapping_config
+        from aceg_model.pose_check import pose_check_summary
         from aceg_ros.bag_io import read_bag_frames
 
         log = self.get_logger()
@@ -894,6 +895,7 @@ class AcegLocalizer(LifecycleNode):
             cfg = mapping_config(method=v["mapping.method"], iterations=v["mapping.iterations"],
                                  batch_patches=v["mapping.batch_patches"], sweep_scale=v["mapping.sweep_scale"],
                                  photo_depth=v["mapping.photo_depth"], estimate_lens=v["mapping.estimate_lens"],
+                                 check_poses=v["mapping.check_poses"],
                                  visit_window_s=v["mapping.visit_window_s"])
             scene_map, rep = map_scene(self._model, frames, cfg, progress)
             out = Path(job.output).expanduser()
@@ -908,11 +910,14 @@ class AcegLocalizer(LifecycleNode):
                 step = max(1, len(frames) // CLOUD_FRAMES_AFTER_MAPPING)
                 views = [(f.image, f.intrinsics) for f in frames[::step][:CLOUD_FRAMES_AFTER_MAPPING]]
                 self._extend_cloud(localizer, views, self.get_clock().now().to_msg())
+            if rep.pose_check is not None and rep.pose_check.flagged:
+                log.warning(f"map_scene: {pose_check_summary(rep.pose_check)}")
             job.success = True
             job.message = (f"mapped {rep.n_frames} frames ({dropped}) with {rep.method}, {rep.iterations} "
                            f"iterations in {time.monotonic() - t0:.1f} s: final loss {rep.final_loss:.4g}, "
                            f"median reprojection {rep.final_median_px:.1f} px; lens: "
                            f"{'not estimated' if rep.lens is None else lens_summary(rep.lens)}; "
+                           f"{'poses not checked' if rep.pose_check is None else pose_check_summary(rep.pose_check)}; "
                            f"wrote {out} and swapped it in")
         except _MappingCancelled:
             job.success, job.message = False, "mapping cancelled (node cleaned up or shut down); no map written"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from aceg_model.landmarks import MAX_SWEEP_SCALE, SweepConfig
 from aceg_model.lens import lens_summary
+from aceg_model.pose_check import pose_check_summary
 from aceg_model.mapping import METHODS, MappingConfig, map_scene, mapping_config, progress_bar
 from aceg_model.model import AcegModel, pick_device
 from aceg_model.visits import VisitConfig
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the plane sweep's landmark depths (no NCC sharpening on the raw pixels)")
     p.add_argument("--no-lens-estimate", action="store_true",
                    help="treat the camera as pinhole: do not estimate its radial lens distortion from the posed images")
+    p.add_argument("--no-pose-check", action="store_true",
+                   help="do not compare the mapping poses with the images (pairs a moment apart; a report only)")
     p.add_argument("--visit-window", type=float, default=VisitConfig.window_s,
                    help="seconds of the mapping sequence around each landmark's seed image that it belongs to, so "
                         "drift between two visits of a place does not blur it; 0 = off")
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         config = mapping_config(method=args.method, iterations=args.iterations, sweep_scale=args.sweep_scale,
                                 photo_depth=not args.no_photo_depth, estimate_lens=not args.no_lens_estimate,
-                                visit_window_s=args.visit_window)
+                                visit_window_s=args.visit_window, check_poses=not args.no_pose_check)
         scene_map, report = map_scene(model, frames, config, progress)
         bar.close()
         scene_map.save(args.out)
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{time.perf_counter() - t0:.0f} s")
     if report.lens is not None:
         print(f"lens: {lens_summary(report.lens)}")
+    if report.pose_check is not None:
+        print(f"poses: {pose_check_summary(report.pose_check)}")
     return 0
 
 

@@ -137,6 +137,9 @@ PARAMETERS: tuple[Spec, ...] = (
          "images and their poses (epipolar agreement of SIFT matches), keep it only if it helps image pairs it "
          "was not fitted on, and remove it from mapping and query images; what camera_info's own distortion "
          "(see undistort) leaves, usually nothing (about 5-10 s per map)", CALL),
+    Spec("mapping.check_poses", True, "compare the mapping poses with the images (SIFT matches of image pairs a "
+         "moment apart against the poses' epipolar lines) and report the stretches where they disagree by more "
+         "than 3 px; a report only (about 10 s for 500 images)", CALL),
     Spec("mapping.visit_window_s", 10.0, "keep each landmark to the mapping images taken within this time of "
          "the image it was seeded in, so the pose drift between two visits of a place (tens of seconds apart) "
          "does not blur it; 0 = off [s]", CALL, range=(0.0, 86_400.0)),

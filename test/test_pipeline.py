@@ -42,6 +42,8 @@ def mapped():
 def test_codes_only_mapping_then_localization_recovers_query_poses(mapped) -> None:
     model, scene_map, report, scene = mapped
     assert report.final_median_px < 10.0
+    # Rendered poses are exact: mapping's pose check finds nothing to report.
+    assert report.pose_check is not None and report.pose_check.pairs and not report.pose_check.flagged
     loc = Localizer(model, scene_map)
     errors = []
     for frame in scene.queries["lighting"]:

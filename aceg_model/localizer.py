@@ -6,8 +6,9 @@ refine each patch's pixel to where its landmark lies (``aceg_model.pixel_refinem
 prefilter by uncertainty -> robust PnP (poselib RANSAC + refinement) ->
 solve again on the landmarks of the mapping visit nearest that pose (``aceg_model.visits``) ->
 place the inliers' landmarks by their raw pixels and solve again
-(``aceg_model.photometric_refinement``) -> fit the pose once more with each landmark's depth along
-its seed ray left uncertain (``aceg_model.seed_rays``) -> 6x6 covariance from the inliers.
+(``aceg_model.photometric_refinement``) -> optionally (``pnp.seed_ray_depth_sigma``, off by default)
+fit the pose once more with each landmark's depth along its seed ray left uncertain
+(``aceg_model.seed_rays``) -> 6x6 covariance from the inliers.
 The network and the scene head stay on one device for the whole run.
 """
 from __future__ import annotations
@@ -54,7 +55,7 @@ class _Observations:
     points_N3: np.ndarray
     pixels_N2: np.ndarray
 
-    def subset(self, keep_N: np.ndarray) -> "_Observations":
+    def subset(self, keep_N: np.ndarray) -> _Observations:
         return _Observations(self.landmark_N[keep_N], self.points_N3[keep_N], self.pixels_N2[keep_N])
 
 
@@ -183,8 +184,8 @@ class Localizer:
         return self.pnp.seed_ray_depth_sigma > 0 and self.scene_map.views is not None
 
     @torch.inference_mode()
-    def _refine_photometrically(self, res: PnPResult, observed: "_Observations", image: np.ndarray,
-                                intrinsics: Intrinsics) -> tuple[PnPResult, "_Observations"]:
+    def _refine_photometrically(self, res: PnPResult, observed: _Observations, image: np.ndarray,
+                                intrinsics: Intrinsics) -> tuple[PnPResult, _Observations]:
         """The pose solved again on the raw-pixel observations of its inliers' landmarks
         (``aceg_model.photometric_refinement``), with what it was solved on; ``res`` and
         ``observed`` themselves where that finds too little."""
@@ -211,7 +212,7 @@ class Localizer:
             out, observed = again, _Observations(ids_N[ok], positions_N3[ok], pixels_N2)
         return out, observed
 
-    def _refine_along_seed_rays(self, res: PnPResult, observed: "_Observations",
+    def _refine_along_seed_rays(self, res: PnPResult, observed: _Observations,
                                 intrinsics: Intrinsics) -> PnPResult:
         """The accepted pose refitted to its inliers with each landmark's depth along its seed ray
         uncertain (``aceg_model.seed_rays``), with the covariance of that fit; ``res`` where the

@@ -8,7 +8,9 @@ as the two poses draw them. The matches are chosen by an essential-matrix RANSAC
 use the poses, so a pose error shows as distance from the lines instead of as lost matches.
 
 Only the part of a pose error that moves points across their epipolar lines shows: a pan of a
-camera moving sideways slides points along them and stays unseen.
+camera moving sideways slides points along them and stays unseen. And only a change of error
+between the two images shows: a stretch whose poses are all off by the same rotation is flagged
+at its two edges, where its images meet correct ones, not inside.
 
 On the 7-Scenes kitchen, images a moment apart agree with their ground-truth poses to 0.8 px
 (median), but mapping images 807-842 disagree by up to 12 px (models/README.md, "The kitchen's

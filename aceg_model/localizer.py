@@ -221,10 +221,11 @@ class Localizer:
         views = self.scene_map.views
         seed_centres_N3 = views.centres_I3[views.seed_view_M[observed.landmark_N[inlier_N]]]
         points_N3, pixels_N2 = observed.points_N3[inlier_N], observed.pixels_N2[inlier_N]
-        px_scale = pnp.threshold_for(intrinsics.height) / pnp.threshold_px
+        threshold_px = pnp.threshold_for(intrinsics.height)  # the sigma scales with the image as the threshold does
         T, whiten_N22 = refine_along_seed_rays(res.T_world_cam, points_N3, seed_centres_N3, pixels_N2, intrinsics,
-                                               pnp.seed_ray_depth_sigma, pnp.seed_ray_sigma_px * px_scale,
-                                               0.5 * pnp.threshold_for(intrinsics.height))
+                                               pnp.seed_ray_depth_sigma,
+                                               pnp.seed_ray_sigma_px * threshold_px / pnp.threshold_px,
+                                               0.5 * threshold_px)
         try:
             cov_66, sigma_px = pose_covariance(T, points_N3, pixels_N2, intrinsics, pnp.sigma_floor_px, whiten_N22)
         except DegenerateGeometryError:

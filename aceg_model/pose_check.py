@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from aceg_model.frames import Frame
+from aceg_model.geometry import pose_error
 from aceg_model.lens import LensConfig, PairMatches, RadialDistortion, epipolar_px, frame_pose, match_pairs, normalized
 
 
@@ -85,21 +86,26 @@ class PoseCheck:
     def to_json(self) -> dict:
         """For reports (``aceg-eval``'s JSON)."""
         return {"median_px": self.median_px, "n_pairs": len(self.pairs), "warn_px": self.warn_px,
-                "flagged": [{"first": run[0].label(0), "last": run[-1].label(1),
-                             "worst_px": max(p.median_px for p in run)} for run in self.flagged]}
+                "flagged": [dict(zip(("first", "last", "worst_px"), _ends(run))) for run in self.flagged]}
+
+
+def _ends(run: list[PairCheck]) -> tuple[str, str, float]:
+    """A flagged stretch's first image, last image and worst median distance (px)."""
+    return run[0].label(0), run[-1].label(1), max(p.median_px for p in run)
 
 
 def select_moment_pairs(poses_I44: np.ndarray, config: PoseCheckConfig) -> list[tuple[int, int]]:
     """Up to ``max_pairs`` pairs (i, j): i evenly spaced over the sequence, j the first later image
     within ``max_gap`` with a baseline of ``min_baseline_m`` and a turn under ``max_angle_deg``."""
     n = len(poses_I44)
+    if n < 2:
+        return []
     pairs = []
-    for i in np.unique(np.linspace(0, n - 2, min(n - 1, config.max_pairs)).round().astype(int)) if n > 1 else []:
+    for i in np.unique(np.linspace(0, n - 2, min(n - 1, config.max_pairs)).round().astype(int)):
         for j in range(i + 1, min(n, i + 1 + config.max_gap)):
-            baseline = np.linalg.norm(poses_I44[j, :3, 3] - poses_I44[i, :3, 3])
-            cos = (np.trace(poses_I44[i, :3, :3].T @ poses_I44[j, :3, :3]) - 1.0) / 2.0
-            if baseline >= config.min_baseline_m:
-                if np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))) <= config.max_angle_deg:
+            baseline_m, turn_deg = pose_error(poses_I44[j], poses_I44[i])
+            if baseline_m >= config.min_baseline_m:
+                if turn_deg <= config.max_angle_deg:
                     pairs.append((int(i), j))
                 break
     return pairs
@@ -158,7 +164,6 @@ def pose_check_summary(check: PoseCheck) -> str:
             f"pairs a moment apart, {check.seconds:.1f} s)")
     if check.flagged:
         text += f"; they disagree by more than {check.warn_px:g} px between " + ", ".join(
-            f"images {run[0].label(0)} and {run[-1].label(1)} (up to {max(p.median_px for p in run):.1f} px)"
-            for run in check.flagged)
+            "images {} and {} (up to {:.1f} px)".format(*_ends(run)) for run in check.flagged)
         text += ": landmarks seeded there may be off"
     return text

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from aceg_model.landmarks import MAX_SWEEP_SCALE, SweepConfig
 from aceg_model.lens import lens_summary
-from aceg_model.pose_check import pose_check_summary
 from aceg_model.mapping import METHODS, MappingConfig, map_scene, mapping_config, progress_bar
 from aceg_model.model import AcegModel, pick_device
+from aceg_model.pose_check import pose_check_summary
 from aceg_model.visits import VisitConfig
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "aceg_small.safetensors"

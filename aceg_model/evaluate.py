@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from aceg_model.geometry import pose_error
 from aceg_model.landmarks import MAX_SWEEP_SCALE, SweepConfig
+from aceg_model.lens import mount_summary
 from aceg_model.localizer import Localizer
 from aceg_model.mapping import METHODS, MappingConfig, SceneMap, map_scene, mapping_config, progress_bar
 from aceg_model.metrics import accuracy_summary
@@ -84,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-photo-depth", action="store_true",
                    help="keep the plane sweep's landmark depths (no NCC sharpening on the raw pixels; ablation)")
     p.add_argument("--no-lens-estimate", action="store_true",
-                   help="treat the camera as pinhole (do not estimate and remove its radial lens distortion; ablation)")
+                   help="treat the camera as pinhole (do not estimate and remove its radial lens distortion, nor "
+                        "its mount; ablation)")
+    p.add_argument("--no-mount-estimate", action="store_true",
+                   help="take the poses as the camera's (do not estimate its mount on the pose frame; ablation)")
     p.add_argument("--no-pose-check", action="store_true",
                    help="do not compare the mapping poses with the images (pairs a moment apart; a report only)")
     p.add_argument("--visit-window", type=float, default=VisitConfig.window_s,
@@ -146,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         config = mapping_config(method=args.method, iterations=args.iterations, batch_patches=args.batch_patches,
                                 sweep_seeds=not args.fixed_depth_seeds, sweep_scale=args.sweep_scale,
                                 photo_depth=not args.no_photo_depth, estimate_lens=not args.no_lens_estimate,
+                                estimate_mount=not args.no_mount_estimate,
                                 visit_window_s=args.visit_window, check_poses=not args.no_pose_check)
         scene_map, report = map_scene(model, mapping, config, progress)
         bar.close()
@@ -181,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     if localizer.refines_along_seed_rays:
         refined += f", landmark depths {100 * localizer.pnp.seed_ray_depth_sigma:g} % uncertain in the final fit"
     lens = scene_map.lens
-    lens_text = ("pinhole camera" if lens is None else
+    lens_text = ("pinhole camera" if lens is None or lens.distortion.is_zero else
                  f"lens distortion k1={lens.distortion.k1:.3f} k2={lens.distortion.k2:.3f} removed")
+    if lens is not None and not lens.mount.is_identity:
+        lens_text += f", {mount_summary(lens.mount)} corrected"
     print(f"{args.method}: mapping {mapping_seconds:.0f} s, {len(queries)} queries, {refined}, {lens_text}")
     if pose_check is not None:
         print(f"  {pose_check_summary(pose_check)}")

@@ -1,4 +1,4 @@
-"""Radial lens distortion: estimated from the posed mapping images, removed from every image.
+"""Radial lens distortion and the camera's mount: estimated from the posed mapping images.
 
 Mapping treats images as pinhole. A lens that bends rays (barrel or pincushion) moves a point
 seen near the image border by several pixels: with k1 = -0.09 at f = 525 px, 10 px at 330 px from
@@ -12,17 +12,24 @@ and query images alike (same camera matrix K, so nothing downstream changes).
 
 A calibrated camera (ROS ``camera_info`` with its distortion) is undistorted before it gets
 here; the estimate is then of what the calibration left, usually nothing.
+
+The same matches also measure a fixed turn and offset between the camera and the frame its
+poses describe (``aceg_model.camera_mount``), fitted jointly with the lens. A mount is a
+constant, so it is kept only if it helps the held-out pairs and the two halves of the pairs,
+fitted apart, agree on it: poses that are off in ways that change along the sequence (tracking
+drift) give no mount.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import cv2
 import numpy as np
 from scipy.optimize import least_squares
 
+from aceg_model.camera_mount import MAX_MOUNT_DEG, MAX_MOUNT_M, CameraMount
 from aceg_model.frames import Frame, Intrinsics
 from aceg_model.geometry import skew
 
@@ -72,12 +79,15 @@ class ImageUndistorter:
         return cv2.remap(image, self._maps[0], self._maps[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
-class UndistortedFrames(Sequence[Frame]):
-    """A view of ``frames`` whose images have ``distortion`` removed (loaded lazily, like the frames)."""
+class CorrectedFrames(Sequence[Frame]):
+    """A view of ``frames`` whose images have ``distortion`` removed and whose poses are the
+    camera's through ``mount`` (loaded lazily, like the frames)."""
 
-    def __init__(self, frames: Sequence[Frame], distortion: RadialDistortion) -> None:
+    def __init__(self, frames: Sequence[Frame], distortion: RadialDistortion,
+                 mount: CameraMount | None = None) -> None:
         self._frames = frames
         self._distortion = distortion
+        self._mount = mount or CameraMount()
         self._undistort = ImageUndistorter()
 
     def __len__(self) -> int:
@@ -85,10 +95,11 @@ class UndistortedFrames(Sequence[Frame]):
 
     def __getitem__(self, i: int) -> Frame:  # type: ignore[override]
         frame = self._frames[i]
-        return frame.with_image(self._undistort(frame.image, frame.intrinsics, self._distortion))
+        return replace(frame, image=self._undistort(frame.image, frame.intrinsics, self._distortion),
+                       T_world_cam=self._mount.camera_pose(frame.T_world_cam))
 
     def pose(self, i: int) -> np.ndarray:
-        return frame_pose(self._frames, i)
+        return self._mount.camera_pose(frame_pose(self._frames, i))
 
 
 def frame_pose(frames: Sequence[Frame], i: int) -> np.ndarray:
@@ -99,9 +110,11 @@ def frame_pose(frames: Sequence[Frame], i: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LensConfig:
-    """How mapping estimates the lens distortion (``estimate_distortion``)."""
+    """How mapping estimates the lens distortion and the camera mount (``estimate_lens``)."""
 
     estimate: bool = True
+    # The camera's turn and offset from its pose frame (``aceg_model.camera_mount``); only with ``estimate``.
+    estimate_mount: bool = True
     max_pairs: int = 60  # image pairs matched; ~0.1 s each on the 2-core CPU at 640x480
     max_frames: int = 600  # longer sequences are subsampled evenly before pairing (the pair search is quadratic)
     # A pair must have parallax (a baseline) for its epipolar lines to exist, and some rotation,
@@ -118,6 +131,11 @@ class LensConfig:
     # fraction; a pinhole camera's estimate then stays exactly zero.
     min_gain: float = 0.03
     max_abs_coefficient: float = 0.5  # |k1|, |k2| beyond this are not a lens but a failed fit
+    # The two halves of the pairs, fitted apart, must find the same mount within these. On a
+    # generated room they agreed to 0.05 deg and 0.05 cm; on 7-Scenes' tracked poses, whose errors
+    # change along the sequence, they differed by 0.5-1.5 deg and several centimetres.
+    mount_agreement_deg: float = 0.2
+    mount_agreement_m: float = 0.01
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -131,15 +149,22 @@ class LensConfig:
             raise ValueError("min_baseline_m, robust_px and max_epipolar_px must be > 0")
         if not 0 < self.ratio <= 1:
             raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
+        if self.mount_agreement_deg <= 0 or self.mount_agreement_m <= 0:
+            raise ValueError(f"mount_agreement_deg and mount_agreement_m must be > 0, got "
+                             f"{self.mount_agreement_deg}, {self.mount_agreement_m}")
 
 
 @dataclass
 class LensEstimate:
-    """What ``estimate_distortion`` found; ``distortion`` is zero unless ``accepted``."""
+    """What ``estimate_lens`` found; ``distortion`` is zero unless ``accepted``, ``mount`` the
+    identity unless ``mount_accepted``."""
 
     distortion: RadialDistortion
     accepted: bool
     reason: str
+    mount: CameraMount = field(default_factory=CameraMount)
+    mount_accepted: bool = False
+    mount_reason: str = "not estimated"
     n_pairs: int = 0
     n_matches: int = 0
     median_px_before: float | None = None  # epipolar distance of the matches, pinhole
@@ -247,27 +272,88 @@ def match_pairs(frames: Sequence[Frame], pairs: list[tuple[int, int]], config: L
     return out
 
 
-def _robust_cost(pairs: list[PairMatches], distortion: RadialDistortion, scale_px: float) -> float:
-    d = np.concatenate([epipolar_px(p, distortion) for p in pairs])
+@dataclass(frozen=True)
+class _Model:
+    """A fitted camera model: the lens and the mount (the mount's free parameters: 0, 3 or 6)."""
+
+    distortion: RadialDistortion
+    mount: CameraMount
+    n_terms: int
+    n_mount: int
+
+
+def _epipolar_all(pairs: list[PairMatches], model: _Model, poses_I44: np.ndarray) -> np.ndarray:
+    """Every match's epipolar distance (px) under the model; with a mount, each pair's essential
+    matrix is that of the cameras' poses instead of the given ones."""
+    if model.mount.is_identity:
+        return np.concatenate([epipolar_px(p, model.distortion) for p in pairs])
+    D = model.mount.T_pose_camera
+    return np.concatenate([epipolar_px(replace(p, E_33=_essential(poses_I44[p.frames_ab[0]] @ D,
+                                                                  poses_I44[p.frames_ab[1]] @ D)), model.distortion)
+                           for p in pairs])
+
+
+def _robust_cost(pairs: list[PairMatches], model: _Model, poses_I44: np.ndarray, scale_px: float) -> float:
+    d = _epipolar_all(pairs, model, poses_I44)
     return float(np.mean(np.log1p((d / scale_px) ** 2)))
 
 
-def _fit(pairs: list[PairMatches], config: LensConfig, n_terms: int) -> RadialDistortion:
-    """k1 alone (``n_terms`` 1) or k1 and k2 (2), by robust least squares from zero."""
-    def residuals(k: np.ndarray) -> np.ndarray:
-        return np.concatenate([epipolar_px(p, RadialDistortion(*k)) for p in pairs])
+def _model_of(x: np.ndarray, n_terms: int, n_mount: int) -> _Model:
+    """Parameters: ``n_terms`` radial coefficients, then the mount's rotation vector in 0.01 rad
+    and (``n_mount`` 6) its translation in cm, units in which all steps are of similar size."""
+    mount = np.zeros(6)
+    mount[:3] = np.degrees(0.01 * x[n_terms:n_terms + 3]) if n_mount else 0.0
+    mount[3:] = 0.01 * x[n_terms + 3:n_terms + 6] if n_mount == 6 else 0.0
+    k = np.zeros(2)
+    k[:n_terms] = x[:n_terms]
+    return _Model(RadialDistortion(*(float(v) for v in k)), CameraMount.from_vector(mount), n_terms, n_mount)
 
-    fit = least_squares(residuals, np.zeros(n_terms), loss="cauchy", f_scale=config.robust_px, diff_step=1e-4,
-                        x_scale=0.05)
-    return RadialDistortion(*(float(k) for k in fit.x))
+
+def _fit(pairs: list[PairMatches], config: LensConfig, n_terms: int, n_mount: int, poses_I44: np.ndarray) -> _Model:
+    """k1 alone (``n_terms`` 1), k1 and k2 (2) or no lens (0), with the mount's rotation (``n_mount``
+    3), rotation and translation (6) or no mount (0), by robust least squares from zero."""
+    def residuals(x: np.ndarray) -> np.ndarray:
+        return _epipolar_all(pairs, _model_of(x, n_terms, n_mount), poses_I44)
+
+    x_scale = np.r_[np.full(n_terms, 0.05), np.ones(n_mount)]
+    fit = least_squares(residuals, np.zeros(n_terms + n_mount), loss="cauchy", f_scale=config.robust_px,
+                        diff_step=1e-4, x_scale=x_scale)
+    return _model_of(fit.x, n_terms, n_mount)
 
 
-def estimate_distortion(frames: Sequence[Frame], config: LensConfig | None = None) -> LensEstimate:
-    """The radial distortion that makes the posed ``frames`` agree with their poses best.
+def _choose_mount(fit_half: list[PairMatches], check_half: list[PairMatches], poses_I44: np.ndarray,
+                  config: LensConfig, lens: _Model, lens_cost: float) -> tuple[int, str]:
+    """The mount's free parameters (3 or 6; 0: no mount) and why. The rotation, or the rotation
+    and the translation where the translation lowers the held-out cost by ``min_gain`` more,
+    must lower the held-out cost by ``min_gain`` from the lens alone, and a fit on the held-out
+    half must find the same mount."""
+    trials = {n: _fit(fit_half, config, lens.n_terms, n, poses_I44) for n in (3, 6)}
+    costs = {n: _robust_cost(check_half, t, poses_I44, config.robust_px) for n, t in trials.items()}
+    n_mount = 6 if costs[6] < (1.0 - config.min_gain) * costs[3] else 3
+    trial, gain = trials[n_mount], 1.0 - costs[n_mount] / lens_cost
+    found = f"{trial.mount.angle_deg:.2f} deg, {100 * trial.mount.offset_m:.1f} cm"
+    if gain < config.min_gain:
+        return 0, (f"a mount of {found} lowered the held-out pairs' cost by {100 * gain:.1f} % "
+                   f"(< {100 * config.min_gain:.0f} %): none kept")
+    other = _fit(check_half, config, lens.n_terms, n_mount, poses_I44).mount
+    turn = np.linalg.norm(np.subtract(trial.mount.rotation_deg, other.rotation_deg))
+    shift = np.linalg.norm(np.subtract(trial.mount.translation_m, other.translation_m))
+    if turn > config.mount_agreement_deg or shift > config.mount_agreement_m:
+        return 0, (f"the two halves of the pairs found mounts {turn:.2f} deg and {100 * shift:.1f} cm apart "
+                   f"(> {config.mount_agreement_deg:g} deg or {100 * config.mount_agreement_m:g} cm): "
+                   "the poses' errors are not a fixed mount; none kept")
+    return n_mount, "ok"
 
-    Fits on half of the image pairs and keeps the result only if it lowers the other half's
-    epipolar cost by ``min_gain``; then fits on all pairs. Returns zero distortion, with the
-    reason, when the poses give no usable pairs, the images too few matches, or the fit no gain.
+
+def estimate_lens(frames: Sequence[Frame], config: LensConfig | None = None) -> LensEstimate:
+    """The radial distortion, and the camera's mount on its pose frame, that make the posed
+    ``frames`` agree with their poses best.
+
+    Fits on half of the image pairs and keeps a distortion only if it lowers the other half's
+    epipolar cost by ``min_gain``; a mount likewise, beyond the distortion's gain, and only if
+    the other half, fitted on its own, finds the same mount. Then fits what was kept on all
+    pairs. Returns zero distortion and no mount, with the reasons, when the poses give no usable
+    pairs, the images too few matches, or the fits no gain.
     """
     cfg = config or LensConfig()
     t0 = time.perf_counter()
@@ -286,34 +372,75 @@ def estimate_distortion(frames: Sequence[Frame], config: LensConfig | None = Non
     if len(matches) < 2 or n_matches < cfg.min_matches:
         return result(RadialDistortion(), False, f"{n_matches} matches in {len(matches)} pairs, need "
                       f"{cfg.min_matches}", **counts)
-    pinhole = RadialDistortion()
-    before = float(np.median(np.concatenate([epipolar_px(p, pinhole) for p in matches])))
+    pinhole = _Model(RadialDistortion(), CameraMount(), 0, 0)
+    before = float(np.median(_epipolar_all(matches, pinhole, poses)))
     # k1 alone or k1 and k2: over the field of view of a normal lens the two terms trade off, and
     # with few matches the two-term fit can wander. The pairs not fitted on choose, as they decide
     # whether to keep a distortion at all.
     fit_half, check_half = matches[0::2], matches[1::2]
-    pinhole_cost = _robust_cost(check_half, pinhole, cfg.robust_px)
-    trials = [_fit(fit_half, cfg, n_terms) for n_terms in (1, 2)]
-    costs = [_robust_cost(check_half, t, cfg.robust_px) for t in trials]
+    pinhole_cost = _robust_cost(check_half, pinhole, poses, cfg.robust_px)
+    trials = [_fit(fit_half, cfg, n_terms, 0, poses) for n_terms in (1, 2)]
+    costs = [_robust_cost(check_half, t, poses, cfg.robust_px) for t in trials]
     best = int(np.argmin(costs))
     trial, gain = trials[best], 1.0 - costs[best] / pinhole_cost
     counts.update(median_px_before=before, held_out_gain=gain)
+    lens, lens_cost, reason = trial, costs[best], "ok"
     if gain < cfg.min_gain:
-        return result(pinhole, False, f"the fitted k1={trial.k1:.3f}, k2={trial.k2:.3f} lowered the held-out "
-                      f"pairs' cost by {100 * gain:.1f} % (< {100 * cfg.min_gain:.0f} %): pinhole kept", **counts)
-    distortion = _fit(matches, cfg, best + 1)
-    if max(abs(distortion.k1), abs(distortion.k2)) > cfg.max_abs_coefficient:
-        return result(pinhole, False, f"fit k1={distortion.k1:.3f}, k2={distortion.k2:.3f} is beyond "
-                      f"{cfg.max_abs_coefficient}: pinhole kept", **counts)
-    after = float(np.median(np.concatenate([epipolar_px(p, distortion) for p in matches])))
-    return result(distortion, True, "ok", median_px_after=after, **counts)
+        lens, lens_cost = pinhole, pinhole_cost
+        reason = (f"the fitted k1={trial.distortion.k1:.3f}, k2={trial.distortion.k2:.3f} lowered the held-out "
+                  f"pairs' cost by {100 * gain:.1f} % (< {100 * cfg.min_gain:.0f} %): pinhole kept")
+    n_mount, mount_reason = 0, "not estimated"
+    if cfg.estimate_mount:
+        n_mount, mount_reason = _choose_mount(fit_half, check_half, poses, cfg, lens, lens_cost)
+    if n_mount and lens.n_terms:
+        # A mount bends the pairs too, and a lens fitted without it may have taken up some of
+        # that: the lens stays only if it still helps with the mount.
+        with_lens = _robust_cost(check_half, _fit(fit_half, cfg, lens.n_terms, n_mount, poses), poses, cfg.robust_px)
+        alone = _robust_cost(check_half, _fit(fit_half, cfg, 0, n_mount, poses), poses, cfg.robust_px)
+        if with_lens > (1.0 - cfg.min_gain) * alone:
+            reason = (f"the fitted k1={lens.distortion.k1:.3f}, k2={lens.distortion.k2:.3f} lowered the held-out "
+                      f"pairs' cost by {100 * (1.0 - with_lens / alone):.1f} % (< {100 * cfg.min_gain:.0f} %) beyond "
+                      "the camera mount: pinhole kept")
+            lens = pinhole
+    if lens.n_terms == 0 and n_mount == 0:
+        return result(RadialDistortion(), False, reason, mount_reason=mount_reason, **counts)
+    model = _fit(matches, cfg, lens.n_terms, n_mount, poses)
+    d, mount = model.distortion, model.mount
+    if max(abs(d.k1), abs(d.k2)) > cfg.max_abs_coefficient:
+        return result(RadialDistortion(), False, f"fit k1={d.k1:.3f}, k2={d.k2:.3f} is beyond "
+                      f"{cfg.max_abs_coefficient}: pinhole kept", mount_reason="not kept with the lens", **counts)
+    if mount.angle_deg > MAX_MOUNT_DEG or mount.offset_m > MAX_MOUNT_M:
+        mount_reason = (f"the fitted mount of {mount.angle_deg:.2f} deg and {100 * mount.offset_m:.1f} cm is beyond "
+                        f"{MAX_MOUNT_DEG:g} deg or {100 * MAX_MOUNT_M:g} cm: none kept")
+        if lens.n_terms == 0:
+            return result(RadialDistortion(), False, reason, mount_reason=mount_reason, **counts)
+        model = _fit(matches, cfg, lens.n_terms, 0, poses)
+        d, mount = model.distortion, CameraMount()
+    after = float(np.median(_epipolar_all(matches, model, poses)))
+    return result(d, lens.n_terms > 0, reason, mount=mount, mount_accepted=not mount.is_identity,
+                  mount_reason=mount_reason, median_px_after=after, **counts)
 
 
 def lens_summary(estimate: LensEstimate) -> str:
-    """One line on what ``estimate_distortion`` did, for logs and command-line output."""
-    if not estimate.accepted:
-        return f"pinhole kept ({estimate.reason})"
-    d = estimate.distortion
-    return (f"radial distortion k1={d.k1:.4f} k2={d.k2:.4f} removed: epipolar distance of {estimate.n_matches} "
-            f"matches in {estimate.n_pairs} mapping pairs {estimate.median_px_before:.2f} -> "
-            f"{estimate.median_px_after:.2f} px (median), {estimate.seconds:.1f} s")
+    """One line on what ``estimate_lens`` did, for logs and command-line output."""
+    if estimate.accepted:
+        d = estimate.distortion
+        text = f"radial distortion k1={d.k1:.4f} k2={d.k2:.4f} removed"
+    else:
+        text = f"pinhole kept ({estimate.reason})"
+    if estimate.mount_accepted:
+        text += f"; {mount_summary(estimate.mount)} corrected"
+    elif estimate.mount_reason != "not estimated":
+        text += f"; no camera mount ({estimate.mount_reason})"
+    if estimate.median_px_after is not None:
+        text += (f": epipolar distance of {estimate.n_matches} matches in {estimate.n_pairs} mapping pairs "
+                 f"{estimate.median_px_before:.2f} -> {estimate.median_px_after:.2f} px (median), "
+                 f"{estimate.seconds:.1f} s")
+    return text
+
+
+def mount_summary(mount: CameraMount) -> str:
+    """The camera's turn and offset from its pose frame, in words."""
+    r, t = np.round(mount.rotation_deg, 2), np.round(100 * np.asarray(mount.translation_m), 1)
+    return (f"camera turned {mount.angle_deg:.2f} deg (rotation vector {r.tolist()} deg) and offset "
+            f"{100 * mount.offset_m:.1f} cm ({t.tolist()} cm) from its pose frame")

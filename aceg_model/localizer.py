@@ -8,7 +8,8 @@ solve again on the landmarks of the mapping visit nearest that pose (``aceg_mode
 place the inliers' landmarks by their raw pixels and solve again
 (``aceg_model.photometric_refinement``) -> optionally (``pnp.seed_ray_depth_sigma``, off by default)
 fit the pose once more with each landmark's depth along its seed ray left uncertain
-(``aceg_model.seed_rays``) -> 6x6 covariance from the inliers.
+(``aceg_model.seed_rays``) -> 6x6 covariance from the inliers -> for the mapping camera's
+images, the pose of the frame its mapping poses described (``aceg_model.camera_mount``).
 The network and the scene head stay on one device for the whole run.
 """
 from __future__ import annotations
@@ -38,7 +39,9 @@ from aceg_model.visits import solve_in_visit
 class LocalizationResult:
     success: bool
     reason: str  # why no pose, or "ok"
-    T_world_cam: np.ndarray | None  # camera-to-map, 4x4 metres
+    # Camera-to-map, 4x4 metres; for the mapping camera's images (same intrinsics), of the frame
+    # its mapping poses described (the same unless mapping found the camera mounted off it).
+    T_world_cam: np.ndarray | None
     covariance_66: np.ndarray | None  # ROS order (x, y, z, rot x, rot y, rot z), m^2 / rad^2, map frame
     # Of the last solve: the patch correspondences, or, after the photometric refinement, the
     # inliers' landmarks placed by their grey windows.
@@ -137,7 +140,7 @@ class Localizer:
         """The image without the mapping camera's lens distortion (``SceneMap.lens``), and its timing.
         Images of other cameras (other intrinsics) are returned as they are, with no timing."""
         lens = self.scene_map.lens
-        if lens is None or not lens.applies_to(intrinsics):
+        if lens is None or lens.distortion.is_zero or not lens.applies_to(intrinsics):
             return image, {}
         t0 = time.perf_counter()
         image = self._undistort(image, intrinsics, lens.distortion)
@@ -169,8 +172,12 @@ class Localizer:
             res = self._refine_along_seed_rays(res, observed, intrinsics)
             timings["seed_rays"] = 1e3 * (time.perf_counter() - t0)
         timings["total"] = sum(v for k, v in timings.items())
-        return LocalizationResult(res.success, res.reason, res.T_world_cam if res.success else None,
-                                  res.covariance_66 if res.success else None, int(res.n_inliers),
+        T_world_cam, covariance_66 = (res.T_world_cam, res.covariance_66) if res.success else (None, None)
+        lens = self.scene_map.lens
+        if res.success and lens is not None and lens.applies_to(intrinsics):
+            # The mapping camera's queries are answered in the frame its mapping poses described.
+            T_world_cam, covariance_66 = lens.mount.to_pose_frame(T_world_cam, covariance_66)
+        return LocalizationResult(res.success, res.reason, T_world_cam, covariance_66, int(res.n_inliers),
                                   int(res.n_input), timings)
 
     @property

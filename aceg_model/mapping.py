@@ -26,8 +26,8 @@ from aceg_model.frames import Frame, Intrinsics
 from aceg_model.geometry import invert
 from aceg_model.heads import CodesHead, MlpHead
 from aceg_model.landmarks import SweepConfig, SweepViews, neighbour_views, sweep_depths
-from aceg_model.lens import (LensConfig, LensEstimate, RadialDistortion, UndistortedFrames, estimate_distortion,
-                             frame_pose)
+from aceg_model.camera_mount import CameraMount
+from aceg_model.lens import CorrectedFrames, LensConfig, LensEstimate, RadialDistortion, estimate_lens, frame_pose
 from aceg_model.losses import ReprojectionLossConfig, pixel_rays, reprojection_nll
 from aceg_model.model import AcegModel, prepare_image
 from aceg_model.photo_depth import (GreyViews, LandmarkWindows, PhotoDepthConfig, grey_image, landmark_windows,
@@ -75,7 +75,9 @@ class MappingConfig:
     # The sweep's depths sharpened by NCC of the mapping images' raw pixels (``photo_depth``).
     photo_depth: PhotoDepthConfig = field(default_factory=PhotoDepthConfig)
     # The lens's radial distortion, estimated from the posed mapping images and removed from
-    # them and from the queries (``aceg_model.lens``); zero for a pinhole camera.
+    # them and from the queries (``aceg_model.lens``); zero for a pinhole camera. With it, the
+    # camera's mount on its pose frame (``aceg_model.camera_mount``); none where the poses are
+    # the camera's.
     lens: LensConfig = field(default_factory=LensConfig)
     # Whether the poses agree with the images, pair by pair a moment apart; reported, not
     # corrected (``aceg_model.pose_check``).
@@ -99,12 +101,14 @@ class MappingConfig:
 def mapping_config(*, method: str = "aceg", iterations: int = MappingConfig.iterations,
                    batch_patches: int = MappingConfig.batch_patches, sweep_seeds: bool = True,
                    sweep_scale: int = SweepConfig.scale, photo_depth: bool = True, estimate_lens: bool = True,
-                   visit_window_s: float = VisitConfig.window_s, check_poses: bool = True) -> MappingConfig:
+                   estimate_mount: bool = True, visit_window_s: float = VisitConfig.window_s,
+                   check_poses: bool = True) -> MappingConfig:
     """A ``MappingConfig`` from the flat options the tools offer (``aceg-map``, ``aceg-eval``, the
     node's ``mapping.*`` parameters); the rest keep their defaults. ValueError if invalid."""
     return MappingConfig(method=method, iterations=iterations, batch_patches=batch_patches, sweep_seeds=sweep_seeds,
                          sweep=SweepConfig(scale=sweep_scale), photo_depth=PhotoDepthConfig(enabled=photo_depth),
-                         lens=LensConfig(estimate=estimate_lens), visits=VisitConfig(window_s=visit_window_s),
+                         lens=LensConfig(estimate=estimate_lens, estimate_mount=estimate_mount),
+                         visits=VisitConfig(window_s=visit_window_s),
                          pose_check=PoseCheckConfig(enabled=check_poses))
 
 
@@ -133,23 +137,27 @@ class FineKeys:
 
 @dataclass(frozen=True)
 class MappingLens:
-    """The radial distortion mapping found for its camera: removed from query images of that
-    camera (same intrinsics) before they are localized."""
+    """The radial distortion mapping found for its camera, removed from query images of that
+    camera (same intrinsics) before they are localized, and the camera's mount on the frame the
+    mapping poses described: poses of that camera's queries are returned in that frame."""
 
     camera: Intrinsics
     distortion: RadialDistortion
+    mount: CameraMount = field(default_factory=CameraMount)
 
     def to_meta(self) -> dict:
         c = self.camera
         return {"k1": self.distortion.k1, "k2": self.distortion.k2,
-                "camera": [c.fx, c.fy, c.cx, c.cy, c.width, c.height]}
+                "camera": [c.fx, c.fy, c.cx, c.cy, c.width, c.height], "mount": self.mount.to_meta()}
 
     @classmethod
     def from_meta(cls, meta: dict, path) -> "MappingLens":
         try:
             fx, fy, cx, cy, w, h = meta["camera"]
+            # Maps from before the mount was estimated have none.
+            mount = CameraMount.from_meta(meta["mount"]) if "mount" in meta else CameraMount()
             lens = cls(Intrinsics(float(fx), float(fy), float(cx), float(cy), int(w), int(h)),
-                       RadialDistortion(float(meta["k1"]), float(meta["k2"])))
+                       RadialDistortion(float(meta["k1"]), float(meta["k2"])), mount)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: invalid lens metadata {meta!r}: {e}") from None
         if max(abs(lens.distortion.k1), abs(lens.distortion.k2)) > 1.0:
@@ -468,21 +476,24 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
     if cfg.lens.estimate:
         if progress:
             progress("lens", 0, 1, {})
-        lens_estimate = estimate_distortion(frames, cfg.lens)
+        lens_estimate = estimate_lens(frames, cfg.lens)
         if progress:
             progress("lens", 1, 1, {"k1": lens_estimate.distortion.k1, "k2": lens_estimate.distortion.k2,
-                                    "reason": lens_estimate.reason})
-        if lens_estimate.accepted:
-            lens = MappingLens(frames[0].intrinsics, lens_estimate.distortion)
+                                    "mount_deg": lens_estimate.mount.angle_deg,
+                                    "mount_cm": 100 * lens_estimate.mount.offset_m, "reason": lens_estimate.reason})
+        if lens_estimate.accepted or lens_estimate.mount_accepted:
+            lens = MappingLens(frames[0].intrinsics, lens_estimate.distortion, lens_estimate.mount)
     pose_check = None
     if cfg.pose_check.enabled:
         if progress:
             progress("pose check", 0, 1, {})
-        pose_check = check_poses(frames, lens.distortion if lens else None, cfg.pose_check)
+        # The camera's poses, through its mount; the check removes the lens itself.
+        checked = frames if lens is None else CorrectedFrames(frames, RadialDistortion(), lens.mount)
+        pose_check = check_poses(checked, lens.distortion if lens else None, cfg.pose_check)
         if progress:
             progress("pose check", 1, 1, {"median_px": pose_check.median_px, "flagged": len(pose_check.flagged)})
     if lens is not None:
-        frames = UndistortedFrames(frames, lens.distortion)
+        frames = CorrectedFrames(frames, lens.distortion, lens.mount)
 
     t0 = time.perf_counter()
     sweep_scale = cfg.sweep.scale if cfg.method == "aceg" and cfg.sweep_seeds else None

@@ -362,6 +362,7 @@ class AcegLocalizer(LifecycleNode):
                                                          clock=Clock(clock_type=ClockType.STEADY_TIME))
 
     def _load_localizer(self, path: str):
+        from aceg_model.lens import mount_summary
         from aceg_model.localizer import Localizer
         from aceg_model.mapping import SceneMap
 
@@ -371,10 +372,15 @@ class AcegLocalizer(LifecycleNode):
             raise ValueError(f"map_path {str(p)!r} is not a file")
         scene_map = SceneMap.load(p, self._model)
         lens = scene_map.lens
-        notes = ("" if lens is None else
-                 f"; it removes lens distortion k1={lens.distortion.k1:.4f} k2={lens.distortion.k2:.4f} from "
-                 f"images of its mapping camera ({lens.camera.width}x{lens.camera.height}, fx {lens.camera.fx:.2f}) "
-                 "and leaves other cameras' images as they are")
+        notes = ""
+        if lens is not None:
+            camera = f"its mapping camera ({lens.camera.width}x{lens.camera.height}, fx {lens.camera.fx:.2f})"
+            if not lens.distortion.is_zero:
+                notes += (f"; it removes lens distortion k1={lens.distortion.k1:.4f} k2={lens.distortion.k2:.4f} from "
+                          f"images of {camera} and leaves other cameras' images as they are")
+            if not lens.mount.is_identity:
+                notes += (f"; mapping found the {mount_summary(lens.mount)}: poses of {camera} are published "
+                          "for that pose frame")
         views = scene_map.views
         if views is not None:
             notes += (f"; it keeps its landmarks to visits of {views.window_s:g} s of its "
@@ -895,7 +901,7 @@ class AcegLocalizer(LifecycleNode):
             cfg = mapping_config(method=v["mapping.method"], iterations=v["mapping.iterations"],
                                  batch_patches=v["mapping.batch_patches"], sweep_scale=v["mapping.sweep_scale"],
                                  photo_depth=v["mapping.photo_depth"], estimate_lens=v["mapping.estimate_lens"],
-                                 check_poses=v["mapping.check_poses"],
+                                 estimate_mount=v["mapping.estimate_mount"], check_poses=v["mapping.check_poses"],
                                  visit_window_s=v["mapping.visit_window_s"])
             scene_map, rep = map_scene(self._model, frames, cfg, progress)
             out = Path(job.output).expanduser()

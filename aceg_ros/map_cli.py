@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-photo-depth", action="store_true",
                    help="keep the plane sweep's landmark depths (no NCC sharpening on the raw pixels)")
     p.add_argument("--no-lens-estimate", action="store_true",
-                   help="treat the camera as pinhole: do not estimate its radial lens distortion from the posed images")
+                   help="treat the camera as pinhole: do not estimate its radial lens distortion (nor its mount) "
+                        "from the posed images")
+    p.add_argument("--no-mount-estimate", action="store_true",
+                   help="take the poses as the camera's: do not estimate a fixed turn and offset of the camera from "
+                        "the frame the poses describe")
     p.add_argument("--no-pose-check", action="store_true",
                    help="do not compare the mapping poses with the images (pairs a moment apart; a report only)")
     p.add_argument("--visit-window", type=float, default=VisitConfig.window_s,
@@ -79,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         config = mapping_config(method=args.method, iterations=args.iterations, sweep_scale=args.sweep_scale,
                                 photo_depth=not args.no_photo_depth, estimate_lens=not args.no_lens_estimate,
+                                estimate_mount=not args.no_mount_estimate,
                                 visit_window_s=args.visit_window, check_poses=not args.no_pose_check)
         scene_map, report = map_scene(model, frames, config, progress)
         bar.close()

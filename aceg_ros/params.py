@@ -137,6 +137,10 @@ PARAMETERS: tuple[Spec, ...] = (
          "images and their poses (epipolar agreement of SIFT matches), keep it only if it helps image pairs it "
          "was not fitted on, and remove it from mapping and query images; what camera_info's own distortion "
          "(see undistort) leaves, usually nothing (about 5-10 s per map)", CALL),
+    Spec("mapping.estimate_mount", True, "with mapping.estimate_lens, also estimate a fixed turn and offset of the "
+         "camera from the frame the mapping poses describe (a mounting error), kept only if it helps image pairs "
+         "it was not fitted on and both halves of the pairs find the same one; mapping then uses the camera's poses, "
+         "and poses of that camera's queries are published for the frame the mapping poses described", CALL),
     Spec("mapping.check_poses", True, "compare the mapping poses with the images (SIFT matches of image pairs a "
          "moment apart against the poses' epipolar lines) and report the stretches where they disagree by more "
          "than 3 px; a report only (about 10 s for 500 images)", CALL),

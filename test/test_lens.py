@@ -11,7 +11,7 @@ import pytest
 
 from aceg_model.frames import Intrinsics
 from aceg_model.geometry import make_pose
-from aceg_model.lens import (ImageUndistorter, LensConfig, RadialDistortion, estimate_distortion, lens_summary,
+from aceg_model.lens import (ImageUndistorter, LensConfig, RadialDistortion, estimate_lens, lens_summary,
                              select_pairs)
 from aceg_model.mapping import MappingLens
 from aceg_model.scene import SceneConfig, generate_scene
@@ -49,7 +49,7 @@ def radial_shift_px(lens: RadialDistortion, intrinsics: Intrinsics) -> np.ndarra
 
 def test_estimate_recovers_a_barrel_lens_from_posed_images(scene) -> None:
     frames = [f.with_image(distort(f.image, f.intrinsics, LENS)) for f in scene.mapping]
-    est = estimate_distortion(frames)
+    est = estimate_lens(frames)
     assert est.accepted, est.reason
     intr = frames[0].intrinsics
     # The lens moves the corners by ~8 px here; the estimate moves them within half a pixel of it.
@@ -61,7 +61,7 @@ def test_estimate_recovers_a_barrel_lens_from_posed_images(scene) -> None:
 
 
 def test_pinhole_images_keep_a_zero_estimate(scene) -> None:
-    est = estimate_distortion(scene.mapping)
+    est = estimate_lens(scene.mapping)
     assert not est.accepted and est.distortion.is_zero
     assert "pinhole kept" in lens_summary(est) and "held-out" in est.reason
 
@@ -71,7 +71,7 @@ def test_poses_without_rotation_give_no_pairs_and_no_estimate(scene) -> None:
     frames = [f for f in scene.mapping[:10]]
     slid = [f.__class__(f.image, f.intrinsics, make_pose(np.eye(3), [0.1 * i, 0.0, 0.0])) for i, f in enumerate(frames)]
     assert select_pairs(np.stack([f.T_world_cam for f in slid]), LensConfig()) == []
-    est = estimate_distortion(slid)
+    est = estimate_lens(slid)
     assert not est.accepted and est.distortion.is_zero and "image pairs" in est.reason
 
 

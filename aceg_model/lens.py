@@ -329,7 +329,7 @@ def _choose_mount(fit_half: list[PairMatches], check_half: list[PairMatches], po
     half must find the same mount."""
     trials = {n: _fit(fit_half, config, lens.n_terms, n, poses_I44) for n in (3, 6)}
     costs = {n: _robust_cost(check_half, t, poses_I44, config.robust_px) for n, t in trials.items()}
-    n_mount = 6 if costs[6] < (1.0 - config.min_gain) * costs[3] else 3
+    n_mount = 6 if costs[6] < costs[3] else 3
     trial, gain = trials[n_mount], 1.0 - costs[n_mount] / lens_cost
     found = f"{trial.mount.angle_deg:.2f} deg, {100 * trial.mount.offset_m:.1f} cm"
     if gain < config.min_gain:

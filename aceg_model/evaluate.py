@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from aceg_model.geometry import pose_error
 from aceg_model.landmarks import MAX_SWEEP_SCALE, SweepConfig
-from aceg_model.lens import mount_summary
+from aceg_model.lens import lens_summary, mount_summary
 from aceg_model.localizer import Localizer
 from aceg_model.mapping import METHODS, MappingConfig, SceneMap, map_scene, mapping_config, progress_bar
 from aceg_model.metrics import accuracy_summary
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    pose_check = None
+    pose_check, lens_estimate = None, None
     if args.map:
         scene_map = SceneMap.load(args.map, model)
         mapping_seconds = 0.0
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                                 visit_window_s=args.visit_window, check_poses=not args.no_pose_check)
         scene_map, report = map_scene(model, mapping, config, progress)
         bar.close()
-        pose_check = report.pose_check
+        pose_check, lens_estimate = report.pose_check, report.lens
         mapping_seconds = time.perf_counter() - t0
         if args.save_map:
             scene_map.save(args.save_map)
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
               "n_mapping": len(mapping), "mapping_seconds": mapping_seconds,
               "refine_pixels": localizer.refines_pixels, "photometric": localizer.refines_photometrically,
               "lens": None if scene_map.lens is None else scene_map.lens.to_meta(),
+              "lens_estimate": None if lens_estimate is None else lens_summary(lens_estimate),
               "pose_check": None if pose_check is None else pose_check.to_json(),
               "visit_window_s": None if scene_map.views is None else scene_map.views.window_s,
               "solve_in_visit": localizer.solves_in_visit,

@@ -18,6 +18,18 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
+def small_room(seed: int, mapping_frames: int, relit_queries: int = 0, light_gain: float = 0.7):
+    """A generated 320x240 handheld room (no shared data), with ``relit_queries`` queries under
+    dimmer, warmer light: the scene most model tests run on."""
+    from aceg_model.scene import QuerySpec, SceneConfig, generate_scene
+
+    queries = ({"lighting": QuerySpec(n_frames=relit_queries, light_gain=light_gain, light_tint=(1.1, 1.0, 0.85))}
+               if relit_queries else {})
+    cfg = SceneConfig(kind="room", style="handheld", width=320, height=240, focal_range_px=(250.0, 300.0),
+                      mapping_frames=mapping_frames, use_shared_data=False, queries=queries)
+    return generate_scene(seed, cfg)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # pytest already fails on "no tests collected" (exit 5); also fail a run in
     # which tests were collected but none passed (all skipped or deselected).

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import small_room
 
 from aceg_model.camera_mount import CameraMount
 from aceg_model.frames import Intrinsics
 from aceg_model.geometry import invert, pose_error
 from aceg_model.lens import LensConfig, RadialDistortion, estimate_lens, lens_summary
 from aceg_model.mapping import MappingLens
-from aceg_model.scene import QuerySpec, SceneConfig, generate_scene
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "aceg_small.safetensors"
 SEED = 900021  # held out: pre-training banks use seeds below 100000
@@ -32,10 +32,7 @@ def in_pose_frame(frames, mount: CameraMount):
 
 @pytest.fixture(scope="module")
 def scene():
-    cfg = SceneConfig(kind="room", style="handheld", width=320, height=240, focal_range_px=(250.0, 300.0),
-                      mapping_frames=80, use_shared_data=False,
-                      queries={"lighting": QuerySpec(n_frames=10, light_gain=0.7, light_tint=(1.1, 1.0, 0.85))})
-    return generate_scene(SEED, cfg)
+    return small_room(SEED, mapping_frames=80, relit_queries=10)
 
 
 def test_estimate_recovers_the_mount_from_posed_images(scene) -> None:

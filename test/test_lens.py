@@ -8,13 +8,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import small_room
 
 from aceg_model.frames import Intrinsics
 from aceg_model.geometry import make_pose
 from aceg_model.lens import (ImageUndistorter, LensConfig, RadialDistortion, estimate_lens, lens_summary,
                              select_pairs)
 from aceg_model.mapping import MappingLens
-from aceg_model.scene import SceneConfig, generate_scene
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "aceg_small.safetensors"
 SEED = 900023  # held out: pre-training banks use seeds below 100000
@@ -35,9 +35,7 @@ def distort(image: np.ndarray, intrinsics: Intrinsics, lens: RadialDistortion) -
 
 @pytest.fixture(scope="module")
 def scene():
-    cfg = SceneConfig(kind="room", style="handheld", width=320, height=240, focal_range_px=(250.0, 300.0),
-                      mapping_frames=60, use_shared_data=False, queries={})
-    return generate_scene(SEED, cfg)
+    return small_room(SEED, mapping_frames=60)
 
 
 def radial_shift_px(lens: RadialDistortion, intrinsics: Intrinsics) -> np.ndarray:
@@ -118,13 +116,9 @@ def mapped_through_lens(tmp_path_factory):
 
     from aceg_model.mapping import MappingConfig, SceneMap, map_scene
     from aceg_model.model import AcegModel
-    from aceg_model.scene import QuerySpec
 
     torch.manual_seed(0)
-    cfg = SceneConfig(kind="room", style="handheld", width=320, height=240, focal_range_px=(250.0, 300.0),
-                      mapping_frames=60, use_shared_data=False,
-                      queries={"lighting": QuerySpec(n_frames=8, light_gain=0.7, light_tint=(1.1, 1.0, 0.85))})
-    scene = generate_scene(SEED, cfg)
+    scene = small_room(SEED, mapping_frames=60, relit_queries=8)
     through = lambda frames: [f.with_image(distort(f.image, f.intrinsics, LENS)) for f in frames]  # noqa: E731
     model = AcegModel.load(CHECKPOINT)
     scene_map, report = map_scene(model, through(scene.mapping), MappingConfig(iterations=150, batch_patches=2048))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import small_room
 
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,6 @@ from aceg_model.model import AcegModel, ModelConfig
 from aceg_model.geometry import invert
 from aceg_model.photo_depth import GreyViews, PhotoDepthConfig, grey_image, landmark_windows, refine_depths
 from aceg_model.photometric_refinement import refine_observations
-from aceg_model.scene import QuerySpec, SceneConfig, generate_scene
 from aceg_model.scene.correspondences import project
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "aceg_small.safetensors"
@@ -26,10 +26,7 @@ N_CANDIDATES = 400
 
 @pytest.fixture(scope="module")
 def scene():
-    cfg = SceneConfig(kind="room", style="handheld", width=320, height=240, focal_range_px=(250.0, 300.0),
-                      mapping_frames=24, use_shared_data=False,
-                      queries={"lighting": QuerySpec(n_frames=3, light_gain=0.6, light_tint=(1.1, 1.0, 0.85))})
-    return generate_scene(SEED, cfg)
+    return small_room(SEED, mapping_frames=24, relit_queries=3, light_gain=0.6)
 
 
 @pytest.fixture(scope="module")

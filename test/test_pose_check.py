@@ -7,18 +7,16 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import small_room
 from scipy.spatial.transform import Rotation
 
 from aceg_model.geometry import make_pose
 from aceg_model.pose_check import PoseCheckConfig, check_poses, pose_check_summary, select_moment_pairs
-from aceg_model.scene import SceneConfig, generate_scene
 
 
 @pytest.fixture(scope="module")
 def mapping_frames():
-    cfg = SceneConfig(kind="room", style="handheld", width=320, height=240, focal_range_px=(250.0, 300.0),
-                      mapping_frames=60, queries={}, use_shared_data=False)
-    frames = list(generate_scene(900003, cfg).mapping)
+    frames = list(small_room(900003, mapping_frames=60).mapping)
     return [replace(f, name=f"img{i:02d}") for i, f in enumerate(frames)]
 
 

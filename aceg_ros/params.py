@@ -136,7 +136,7 @@ PARAMETERS: tuple[Spec, ...] = (
     Spec("mapping.estimate_lens", True, "estimate the camera's radial lens distortion from the mapping "
          "images and their poses (epipolar agreement of SIFT matches), keep it only if it helps image pairs it "
          "was not fitted on, and remove it from mapping and query images; what camera_info's own distortion "
-         "(see undistort) leaves, usually nothing (about 5-10 s per map)", CALL),
+         "(see undistort) leaves, usually nothing (about 5-20 s per map with the mount; 16 s for 500 images of 640x480)", CALL),
     Spec("mapping.estimate_mount", True, "with mapping.estimate_lens, also estimate a fixed turn and offset of the "
          "camera from the frame the mapping poses describe (a mounting error), kept only if it helps image pairs "
          "it was not fitted on and both halves of the pairs find the same one; mapping then uses the camera's poses, "

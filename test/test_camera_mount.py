@@ -123,6 +123,8 @@ def test_mapping_corrects_the_mount_and_queries_come_back_in_the_pose_frame(scen
     torch.manual_seed(0)
     scene_map, report = map_scene(model, mapping, MappingConfig(iterations=150, batch_patches=2048))
     assert report.lens.mount_accepted, report.lens.mount_reason
+    # The pose check sees the camera's poses, which agree with the images.
+    assert report.pose_check.median_px < 0.5 and not report.pose_check.flagged, report.pose_check.median_px
     path = tmp_path / "mounted.map"
     scene_map.save(path)
     loaded = SceneMap.load(path, model)

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from aceg_model.camera_mount import CameraMount
 from aceg_model.encoder import patch_centres
 from aceg_model.frames import Frame, Intrinsics
 from aceg_model.geometry import invert
 from aceg_model.heads import CodesHead, MlpHead
 from aceg_model.landmarks import SweepConfig, SweepViews, neighbour_views, sweep_depths
-from aceg_model.camera_mount import CameraMount
 from aceg_model.lens import CorrectedFrames, LensConfig, LensEstimate, RadialDistortion, estimate_lens, frame_pose
 from aceg_model.losses import ReprojectionLossConfig, pixel_rays, reprojection_nll
 from aceg_model.model import AcegModel, prepare_image

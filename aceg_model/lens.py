@@ -275,12 +275,11 @@ def match_pairs(frames: Sequence[Frame], pairs: list[tuple[int, int]], config: L
 
 @dataclass(frozen=True)
 class _Model:
-    """A fitted camera model: the lens and the mount (the mount's free parameters: 0, 3 or 6)."""
+    """A fitted camera model: the lens (``n_terms`` radial coefficients fitted) and the mount."""
 
     distortion: RadialDistortion
     mount: CameraMount
     n_terms: int
-    n_mount: int
 
 
 def _epipolar_all(pairs: list[PairMatches], model: _Model, poses_I44: np.ndarray) -> np.ndarray:
@@ -307,7 +306,7 @@ def _model_of(x: np.ndarray, n_terms: int, n_mount: int) -> _Model:
     mount[3:] = 0.01 * x[n_terms + 3:n_terms + 6] if n_mount == 6 else 0.0
     k = np.zeros(2)
     k[:n_terms] = x[:n_terms]
-    return _Model(RadialDistortion(*(float(v) for v in k)), CameraMount.from_vector(mount), n_terms, n_mount)
+    return _Model(RadialDistortion(*(float(v) for v in k)), CameraMount.from_vector(mount), n_terms)
 
 
 def _fit(pairs: list[PairMatches], config: LensConfig, n_terms: int, n_mount: int, poses_I44: np.ndarray) -> _Model:
@@ -374,7 +373,7 @@ def estimate_lens(frames: Sequence[Frame], config: LensConfig | None = None) -> 
     if len(matches) < 2 or n_matches < cfg.min_matches:
         return result(RadialDistortion(), False, f"{n_matches} matches in {len(matches)} pairs, need "
                       f"{cfg.min_matches}", **counts)
-    pinhole = _Model(RadialDistortion(), CameraMount(), 0, 0)
+    pinhole = _Model(RadialDistortion(), CameraMount(), 0)
     before = float(np.median(_epipolar_all(matches, pinhole, poses)))
     # k1 alone or k1 and k2: over the field of view of a normal lens the two terms trade off, and
     # with few matches the two-term fit can wander. The pairs not fitted on choose, as they decide

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from aceg_model.losses import ReprojectionLossConfig, coords_nll, info_nce, reprojection_nll
 from aceg_model.model import AcegModel, ModelConfig, prepare_image
-from aceg_model.pretrain_data import SceneViews, T_cam_map, View, load_views, patch_coords
+from aceg_model.pretrain_data import SceneViews, T_cam_map, View, load_views, patch_coords, zoomed_and_rolled
 from aceg_model.safe_files import read_meta
 
 CHECKPOINT_KIND = "aceg-pretrain-state"
@@ -52,6 +52,12 @@ class PretrainConfig:
     w_reproj: float = 0.05  # reprojection NLL is in px units; it dominates otherwise
     w_nce: float = 0.5
     nce_points: int = 256
+    # The second view of a pair is, with this probability, zoomed by a factor in
+    # [1/zoom_max, zoom_max] and rolled by up to roll_max_deg (pretrain_data.zoomed_and_rolled):
+    # scale and in-plane rotation beyond those of the rendered camera paths. 0: off.
+    warp_prob: float = 0.0
+    zoom_max: float = 1.5
+    roll_max_deg: float = 20.0
     render_height: int = 240  # px; views are rendered at the model's working resolution
     mapping_frames: int = 32  # rendered per scene when it enters the pool
     query_frames: int = 12  # per query condition (lighting, viewpoint)
@@ -67,6 +73,8 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if min(self.w_coords, self.w_reproj, self.w_nce) < 0 or self.w_coords + self.w_reproj + self.w_nce == 0:
             raise ValueError("loss weights must be >= 0 and not all 0")
+        if not 0 <= self.warp_prob <= 1 or self.zoom_max < 1 or not 0 <= self.roll_max_deg <= 90:
+            raise ValueError("warp_prob must be in [0, 1], zoom_max >= 1 and roll_max_deg in [0, 90]")
 
     @property
     def regresses(self) -> bool:
@@ -128,6 +136,14 @@ def sample_patches(view: View, image_size: tuple[int, int], n: int, rng: np.rand
     pick = rng.choice(ok, size=min(n, len(ok)), replace=False) if len(ok) else ok
     pick = torch.from_numpy(np.sort(pick))
     return pick, coords_P3[pick], pix_P2[pick]
+
+
+def warped(view: View, cfg: PretrainConfig, rng: np.random.Generator) -> View:
+    """``view`` zoomed and rolled at random with probability ``cfg.warp_prob``."""
+    if cfg.warp_prob <= 0 or rng.random() >= cfg.warp_prob:
+        return view
+    scale = float(np.exp(rng.uniform(-np.log(cfg.zoom_max), np.log(cfg.zoom_max))))
+    return zoomed_and_rolled(view, scale, float(rng.uniform(-cfg.roll_max_deg, cfg.roll_max_deg)))
 
 
 def encode_views(model, views: list[View], cfg: PretrainConfig):
@@ -253,6 +269,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
                 scene = pool.scenes[i]
                 views += [scene.mapping_view(rng) if phase == "mapping" or k == 0 else scene.query_view(rng)
                           for k in range(cfg.views_per_scene)]
+            views = [warped(v, cfg, rng) if k % 2 else v for k, v in enumerate(views)]
             # Query iterations see codes as constants: only the network learns to generalize.
             codes = [pool.codes[i] if phase == "mapping" else pool.codes[i].detach() for i in slots]
             l_coords = l_reproj = None
@@ -341,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="weight of the reprojection NLL")
     p.add_argument("--w-nce", type=float, default=PretrainConfig.w_nce,
                    help="weight of the correspondence loss (0 with the other two: encoder alone)")
+    p.add_argument("--warp-prob", type=float, default=PretrainConfig.warp_prob,
+                   help="probability that a pair's second view is zoomed and rolled (0: off)")
+    p.add_argument("--zoom-max", type=float, default=PretrainConfig.zoom_max,
+                   help="zoom factors are drawn log-uniform in [1/zoom-max, zoom-max]")
+    p.add_argument("--roll-max-deg", type=float, default=PretrainConfig.roll_max_deg,
+                   help="rolls about the optical axis are drawn uniform in +-roll-max-deg")
     args = p.parse_args(argv)
     if args.steps <= 0 or args.lr <= 0:
         p.error("--steps and --lr must be > 0")
@@ -350,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PretrainConfig(steps=args.steps, scenes_in_pool=args.scenes_in_pool, scene_uses=args.scene_uses,
                              mapping_frames=args.mapping_frames, query_frames=args.query_frames, seed=args.seed,
                              bank=args.bank, init=args.init, lr=args.lr, w_coords=args.w_coords,
-                             w_reproj=args.w_reproj, w_nce=args.w_nce)
+                             w_reproj=args.w_reproj, w_nce=args.w_nce, warp_prob=args.warp_prob,
+                             zoom_max=args.zoom_max, roll_max_deg=args.roll_max_deg)
     except ValueError as e:
         p.error(str(e))
     path = pretrain(cfg, args.out, resume=not args.no_resume,

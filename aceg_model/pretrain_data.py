@@ -62,6 +62,37 @@ class SceneViews:
         return view.with_image(PRESETS["random_strong"].apply(view.image, rng))
 
 
+def zoomed_and_rolled(view: View, scale: float, roll_deg: float) -> View:
+    """``view`` as seen by the same camera turned ``roll_deg`` about its optical axis and with its
+    focal length times ``scale``.
+
+    Neither change moves the camera centre, so the new image is an exact warp of the rendered one
+    (no parallax) and its scene coordinates and depths (depth along the optical axis does not
+    change under a roll) move with it: the correspondence loss then sees the scale and in-plane
+    rotation differences a handheld camera brings back to a place, beyond those of the rendered
+    paths. Pixels the warp brings in from outside the render have no surface (NaN, depth 0).
+    """
+    import cv2
+
+    K = view.intrinsics
+    a = np.deg2rad(roll_deg)
+    # Camera turned by Rz(a): a point's camera coordinates turn by Rz(-a); pixels about (cx, cy).
+    A = scale * np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
+    c = np.array([K.cx, K.cy])
+    M = np.hstack([A, (c - A @ c)[:, None]])
+    size = (K.width, K.height)
+    image = cv2.warpAffine(view.image, M, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    depth = cv2.warpAffine(view.depth.astype(np.float32), M, size, flags=cv2.INTER_NEAREST,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    coords = cv2.warpAffine(view.meta["scene_coords"].astype(np.float32), M, size, flags=cv2.INTER_NEAREST,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=(float("nan"),) * 3)
+    coords[depth <= 0] = np.nan
+    R = np.eye(4)
+    R[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+    return replace(view, image=image, depth=depth, intrinsics=replace(K, fx=K.fx * scale, fy=K.fy * scale),
+                   T_world_cam=view.T_world_cam @ R, meta={**view.meta, "scene_coords": coords})
+
+
 def patch_coords(view: View, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(scene coordinates P x 3 at the centres of an h x w patch grid, NaN where nothing was hit;
     the patch-centre pixels P x 2), row-major like the encoder's flattened features."""

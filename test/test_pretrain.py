@@ -9,7 +9,8 @@ import torch
 
 from aceg_model.model import AcegModel, ModelConfig
 from aceg_model.pretrain import PretrainConfig, pretrain
-from aceg_model.pretrain_data import SceneViews, load_views, save_views
+from aceg_model.pretrain_data import SceneViews, load_views, save_views, zoomed_and_rolled
+from aceg_model.scene.correspondences import correspondences, project
 from aceg_model.pretrain_regressor import cache_scene, train
 from aceg_model.regressor import RegressorConfig
 
@@ -63,10 +64,11 @@ def test_continued_pretraining_starts_from_a_model_file_and_can_train_the_encode
     start = AcegModel(TINY)
     start.save(tmp_path / "start.safetensors")
     # The configuration comes from the file, not from cfg.model; with the 3D and reprojection
-    # weights at 0 only the correspondence loss trains, and it reaches the encoder alone.
+    # weights at 0 only the correspondence loss trains, and it reaches the encoder alone. Every
+    # pair's second view is zoomed and rolled here.
     cfg = PretrainConfig(steps=2, scenes_in_pool=2, scenes_per_step=2, patches_per_view=32, nce_points=128,
                          render_height=64, log_every=1, bank=str(bank), init=str(tmp_path / "start.safetensors"),
-                         w_coords=0.0, w_reproj=0.0, lr=1e-3)
+                         w_coords=0.0, w_reproj=0.0, lr=1e-3, warp_prob=1.0)
     out = AcegModel.load(pretrain(cfg, tmp_path / "run", resume=False))
     assert out.config == TINY
     before, after = start.state_dict(), out.state_dict()
@@ -82,11 +84,37 @@ def test_continued_pretraining_starts_from_a_model_file_and_can_train_the_encode
     assert (tmp_path / "run" / "pretrain_log.jsonl").read_text().count("\n") == 3
 
 
+@pytest.mark.parametrize("scale, roll_deg", [(1.4, 15.0), (0.75, -20.0)])
+def test_a_zoomed_and_rolled_view_keeps_its_geometry_exact(bank: Path, scale: float, roll_deg: float) -> None:
+    view = load_views(sorted(bank.glob("*.npz"))[0]).mapping[1]
+    warped = zoomed_and_rolled(view, scale, roll_deg)
+    assert warped.image.shape == view.image.shape and warped.intrinsics.fx == pytest.approx(view.intrinsics.fx * scale)
+    # Every surface pixel's scene coordinate projects back onto that pixel, at its depth, in the
+    # warped camera (within the nearest-pixel sampling of the warp and the bank's float16).
+    coords = warped.meta["scene_coords"]
+    v, u = np.nonzero(np.isfinite(coords[..., 0]))
+    assert len(u) > 0.3 * coords.shape[0] * coords.shape[1]
+    uv, z = project(coords[v, u].astype(np.float64), warped)
+    assert np.abs(uv - np.stack([u, v], 1)).max() < 1.5
+    assert np.abs(z - warped.depth[v, u]).max() < 0.02 * z.max()
+    # The rendered correspondences between the original and the warped view join pixels that look alike.
+    uv_a, uv_b = correspondences(view, warped, 64, np.random.default_rng(0))
+    assert len(uv_a) > 20
+    grey_a = view.image.mean(-1)[uv_a[:, 1].astype(int), uv_a[:, 0].astype(int)]
+    b = np.round(uv_b).astype(int)
+    grey_b = warped.image.mean(-1)[b[:, 1].clip(0, 63), b[:, 0].clip(0, 87)]
+    assert np.median(np.abs(grey_a - grey_b)) < 0.25 * np.median(np.abs(grey_a - np.roll(grey_b, 7)))
+
+
 def test_pretrain_refuses_bad_loss_weights() -> None:
     with pytest.raises(ValueError, match="loss weights"):
         PretrainConfig(w_coords=0.0, w_reproj=0.0, w_nce=0.0)
     with pytest.raises(ValueError, match="loss weights"):
         PretrainConfig(w_nce=-1.0)
+    with pytest.raises(ValueError, match="warp_prob"):
+        PretrainConfig(warp_prob=1.5)
+    with pytest.raises(ValueError, match="zoom_max"):
+        PretrainConfig(zoom_max=0.5)
 
 
 def test_pretrain_cli_refuses_a_missing_init_file_and_bad_weights(tmp_path: Path, capsys) -> None:

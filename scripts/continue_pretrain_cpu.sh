@@ -22,10 +22,12 @@ mkdir -p "$OUT"
 python -m aceg_model.pretrain_data "$BANK" --first-seed "$BANK_FIRST_SEED" --count 170 --mapping-frames 32 \
   --query-frames 12 > "$OUT/bank.log" 2>&1 &
 BANK_PID=$!
+trap 'kill "$BANK_PID" 2>/dev/null || true' EXIT  # no renderer left behind if training fails
 sleep 20  # the first scenes; training waits for more as it needs them
 python -m aceg_model.pretrain --out "$OUT" --steps "$STEPS" --scenes-in-pool 8 --scene-uses 100 --bank "$BANK" \
   --init "$INIT" --lr 1e-4 --w-coords 0 --w-reproj 0 --seed "$SEED" --warp-prob "$WARP_PROB"
 wait "$BANK_PID"
+trap - EXIT
 python -m aceg_model.pretrain_data runs/bank8 --first-seed 0 --count 8
 python -m aceg_model.pretrain_regressor --model "$OUT/model.safetensors" --bank runs/bank8 --scenes 8 \
   --projection-only --out "$OUT/pca"

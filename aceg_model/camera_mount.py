@@ -60,6 +60,11 @@ class CameraMount:
         return float(np.linalg.norm(self.translation_m))
 
     @property
+    def within_limits(self) -> bool:
+        """Whether a mounting error could be this large (``MAX_MOUNT_DEG``, ``MAX_MOUNT_M``)."""
+        return self.angle_deg <= MAX_MOUNT_DEG and self.offset_m <= MAX_MOUNT_M
+
+    @property
     def is_identity(self) -> bool:
         return self.angle_deg == 0.0 and self.offset_m == 0.0
 
@@ -93,7 +98,7 @@ class CameraMount:
     def from_meta(cls, meta: dict) -> "CameraMount":
         """From ``to_meta``'s dict; refuses values no mounting error has."""
         mount = cls(tuple(meta["rotation_deg"]), tuple(meta["translation_m"]))
-        if mount.angle_deg > MAX_MOUNT_DEG or mount.offset_m > MAX_MOUNT_M:
+        if not mount.within_limits:
             raise ValueError(f"camera mount of {mount.angle_deg:.2f} deg and {100 * mount.offset_m:.1f} cm is out "
                              f"of range (<= {MAX_MOUNT_DEG:g} deg, <= {100 * MAX_MOUNT_M:g} cm)")
         return mount

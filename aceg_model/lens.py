@@ -409,7 +409,7 @@ def estimate_lens(frames: Sequence[Frame], config: LensConfig | None = None) -> 
     if max(abs(d.k1), abs(d.k2)) > cfg.max_abs_coefficient:
         return result(RadialDistortion(), False, f"fit k1={d.k1:.3f}, k2={d.k2:.3f} is beyond "
                       f"{cfg.max_abs_coefficient}: pinhole kept", mount_reason="not kept with the lens", **counts)
-    if mount.angle_deg > MAX_MOUNT_DEG or mount.offset_m > MAX_MOUNT_M:
+    if not mount.within_limits:
         mount_reason = (f"the fitted mount of {mount.angle_deg:.2f} deg and {100 * mount.offset_m:.1f} cm is beyond "
                         f"{MAX_MOUNT_DEG:g} deg or {100 * MAX_MOUNT_M:g} cm: none kept")
         if lens.n_terms == 0:

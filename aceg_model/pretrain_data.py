@@ -148,7 +148,9 @@ def render_bank(out_dir, first_seed: int, count: int, height: int = 240, mapping
                 query_frames: int = 12) -> None:
     """Render scenes ``first_seed .. first_seed+count-1`` into ``out_dir`` (skips existing ones).
 
-    Run it beside pre-training (``--bank``) so rendering and training overlap.
+    Run it beside pre-training (``--bank``) so rendering and training overlap. A seed whose
+    layout has no camera path leaves a ``.skipped`` note with the reason, so that a later
+    run over the same seeds does not try it again.
     """
     from pathlib import Path
 
@@ -156,12 +158,14 @@ def render_bank(out_dir, first_seed: int, count: int, height: int = 240, mapping
     out.mkdir(parents=True, exist_ok=True)
     for seed in range(first_seed, first_seed + count):
         path = out / f"scene-{seed:07d}.npz"
-        if path.exists():
+        skipped = path.with_suffix(".skipped")
+        if path.exists() or skipped.exists():
             continue
         try:
             scene = SceneViews.generate(seed, height, mapping_frames, query_frames)
         except RuntimeError as e:  # a layout too cluttered for a camera path: skip the seed
             print(f"scene {seed} skipped: {e}", flush=True)
+            skipped.write_text(f"{e}\n")
             continue
         save_views(scene, path)
 

@@ -9,7 +9,7 @@ import torch
 
 from aceg_model.model import AcegModel, ModelConfig
 from aceg_model.pretrain import PretrainConfig, pretrain
-from aceg_model.pretrain_data import SceneViews, load_views, save_views, zoomed_and_rolled
+from aceg_model.pretrain_data import SceneViews, load_views, render_bank, save_views, zoomed_and_rolled
 from aceg_model.pretrain_regressor import cache_scene, train
 from aceg_model.regressor import RegressorConfig
 from aceg_model.scene.correspondences import correspondences, project
@@ -30,6 +30,25 @@ def test_scene_bank_round_trips(bank: Path) -> None:
     assert len(scene.mapping) == 4 and len(scene.queries) == 4  # 2 frames x 2 query conditions
     assert scene.mapping[0].image.shape == (64, 88, 3)  # 4:3, width a multiple of the stride
     assert np.isfinite(scene.centre_3).all()
+
+
+def test_render_bank_notes_a_seed_without_a_camera_path_and_does_not_try_it_again(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    tried, render = [], SceneViews.generate
+
+    def generate(seed, height, mapping_frames, query_frames):
+        tried.append(seed)
+        if seed == 5:
+            raise RuntimeError("no collision-free path found in this room")
+        return render(seed, height, mapping_frames, query_frames)
+
+    monkeypatch.setattr(SceneViews, "generate", staticmethod(generate))
+    render_bank(tmp_path, 4, 2, height=64, mapping_frames=4, query_frames=2)
+    assert tried == [4, 5]
+    assert (tmp_path / "scene-0000004.npz").exists() and not (tmp_path / "scene-0000005.npz").exists()
+    assert "no collision-free path" in (tmp_path / "scene-0000005.skipped").read_text()
+    render_bank(tmp_path, 4, 3, height=64, mapping_frames=4, query_frames=2)
+    assert tried == [4, 5, 6] and len(list(tmp_path.glob("scene-*.npz"))) == 2
 
 
 def test_pretrain_writes_a_loadable_model_and_resumes(bank: Path, tmp_path: Path) -> None:

@@ -55,9 +55,13 @@ def evaluate_queries(localizer: Localizer, queries, perturbation: str | None = N
             t_err.append(None), r_err.append(None)
         records.append({"name": frame.name, "success": res.success, "reason": res.reason,
                         "n_inliers": res.n_inliers, "trans_err_cm": None if t_err[-1] is None else 100 * t_err[-1],
-                        "rot_err_deg": r_err[-1], "ms": res.timings_ms})
+                        "rot_err_deg": r_err[-1], "resolve_support": None if not res.success else res.resolve_support,
+                        "ms": res.timings_ms})
     out = accuracy_summary(t_err, r_err)
     out["localize_ms_mean"] = float(np.mean(times)) if times else float("nan")
+    # Frames answered with the first solve's pose because the re-solved one left its evidence.
+    out["n_first_solve_kept"] = sum(r["success"] and r["resolve_support"] < localizer.pnp.resolve_min_support
+                                    for r in records)
     out["frames"] = records
     return out
 
@@ -104,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed-ray-sigma", type=float, default=PnPConfig.seed_ray_depth_sigma,
                    help="depth uncertainty along the seed rays in the final fit, as a fraction of the depth "
                         "(0 = trust landmark depths like their rays; see aceg_model.seed_rays)")
+    p.add_argument("--resolve-min-support", type=float, default=PnPConfig.resolve_min_support,
+                   help="keep the accepting solve's pose where the re-solved one explains less than this share "
+                        "of its inliers (0 = off; see PnPConfig.resolve_min_support)")
     p.add_argument("--max-query", type=int, default=None, help="evaluate only every n-th query so at most this many")
     p.add_argument("--perturb", nargs="*", choices=PERTURBATIONS, default=None,
                    help="also evaluate under these photometric changes (none given: all)")
@@ -114,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--top-k must be >= 0 (0 = all correspondences), got {args.top_k}")
     if not 1 <= args.sweep_scale <= MAX_SWEEP_SCALE:
         p.error(f"--sweep-scale must be in 1..{MAX_SWEEP_SCALE}, got {args.sweep_scale}")
+    if not 0 <= args.resolve_min_support <= 1:
+        p.error(f"--resolve-min-support must be in [0, 1] (0 = off), got {args.resolve_min_support}")
     if not args.visit_window >= 0:
         p.error(f"--visit-window must be >= 0 s (0 = off), got {args.visit_window}")
 
@@ -160,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             scene_map.save(args.save_map)
     localizer = Localizer(model, scene_map, PnPConfig(top_k=args.top_k or None, refine_pixels=not args.no_refine_pixels,
                                                       photometric_refinement=not args.no_photometric,
-                                                      seed_ray_depth_sigma=args.seed_ray_sigma))
+                                                      seed_ray_depth_sigma=args.seed_ray_sigma,
+                                                      resolve_min_support=args.resolve_min_support))
     result = {"method": args.method, "data": str(args.data), "model": str(args.model), "device": str(device),
               "n_mapping": len(mapping), "mapping_seconds": mapping_seconds,
               "refine_pixels": localizer.refines_pixels, "photometric": localizer.refines_photometrically,
@@ -169,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
               "pose_check": None if pose_check is None else pose_check.to_json(),
               "visit_window_s": None if scene_map.views is None else scene_map.views.window_s,
               "solve_in_visit": localizer.solves_in_visit,
-              "seed_ray_depth_sigma": localizer.pnp.seed_ray_depth_sigma if localizer.refines_along_seed_rays else 0.0}
+              "seed_ray_depth_sigma": localizer.pnp.seed_ray_depth_sigma if localizer.refines_along_seed_rays else 0.0,
+              "resolve_min_support": localizer.pnp.resolve_min_support}
     result.update(evaluate_queries(localizer, queries))
     if args.perturb is not None:
         result["perturbed"] = {}
@@ -186,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         refined += f", poses solved again within a {scene_map.views.window_s:g} s mapping visit"
     if localizer.refines_along_seed_rays:
         refined += f", landmark depths {100 * localizer.pnp.seed_ray_depth_sigma:g} % uncertain in the final fit"
+    if localizer.pnp.resolve_min_support > 0:
+        refined += (f", the first solve's pose kept where the re-solved one explains less than "
+                    f"{100 * localizer.pnp.resolve_min_support:g} % of its inliers")
     lens = scene_map.lens
     lens_text = ("pinhole camera" if lens is None or lens.distortion.is_zero else
                  f"lens distortion k1={lens.distortion.k1:.3f} k2={lens.distortion.k2:.3f} removed")
@@ -197,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows:
         print(f"  {name:12s} 5cm/5deg {r['pct_5cm_5deg']:5.1f}%  10cm/10deg {r['pct_10cm_10deg']:5.1f}%  "
               f"median {r['median_trans_cm']:.1f} cm / {r['median_rot_deg']:.2f} deg  failed {r['n_failed']}  "
+              f"first solve kept {r['n_first_solve_kept']}  "
               f"{r['localize_ms_mean']:.0f} ms/frame")
     return 0
 

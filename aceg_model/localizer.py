@@ -8,7 +8,9 @@ solve again on the landmarks of the mapping visit nearest that pose (``aceg_mode
 place the inliers' landmarks by their raw pixels and solve again
 (``aceg_model.photometric_refinement``) -> optionally (``pnp.seed_ray_depth_sigma``, off by default)
 fit the pose once more with each landmark's depth along its seed ray left uncertain
-(``aceg_model.seed_rays``) -> 6x6 covariance from the inliers -> for the mapping camera's
+(``aceg_model.seed_rays``) -> 6x6 covariance from the inliers -> the first solve's pose instead,
+where the re-solved one explains less than ``pnp.resolve_min_support`` of the first solve's
+inliers (it found another pose, not a sharper one) -> for the mapping camera's
 images, the pose of the frame its mapping poses described (``aceg_model.camera_mount``).
 The network and the scene head stay on one device for the whole run.
 """
@@ -30,7 +32,7 @@ from aceg_model.photo_depth import grey_image
 from aceg_model.photometric_refinement import refine_observations
 from aceg_model.pixel_refinement import encode_fine, refine_pixels
 from aceg_model.pnp import (DegenerateGeometryError, PnPConfig, PnPResult, pose_covariance, refine_with_candidates,
-                             solve_pnp)
+                             solve_pnp, within_threshold)
 from aceg_model.seed_rays import refine_along_seed_rays
 from aceg_model.visits import solve_in_visit
 
@@ -48,6 +50,9 @@ class LocalizationResult:
     n_inliers: int
     n_correspondences: int
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # Share of the accepting solve's inliers that the returned pose explains (1 when no re-solve
+    # changed the pose; NaN without a pose); see ``PnPConfig.resolve_min_support``.
+    resolve_support: float = float("nan")
 
 
 @dataclass
@@ -153,6 +158,7 @@ class Localizer:
         timings.update(t_lens)
         pnp = self.pnp_config()
         res = solve_pnp(coords, pixels, intrinsics, pnp, uncertainty_N=np.exp(log_sigma))
+        accepted = res  # its inliers are the evidence the pose was accepted on
         if candidates is not None:
             res = refine_with_candidates(res, candidates, pixels, intrinsics, pnp)
         timings.update({f"pnp_{k}" if not k.startswith("pnp") else k: v for k, v in res.timings_ms.items()})
@@ -171,6 +177,9 @@ class Localizer:
             t0 = time.perf_counter()
             res = self._refine_along_seed_rays(res, observed, intrinsics)
             timings["seed_rays"] = 1e3 * (time.perf_counter() - t0)
+        support = float("nan")
+        if res.success:
+            res, support = self._supported(res, accepted, coords, pixels, intrinsics)
         timings["total"] = sum(v for k, v in timings.items())
         T_world_cam, covariance_66 = (res.T_world_cam, res.covariance_66) if res.success else (None, None)
         lens = self.scene_map.lens
@@ -178,7 +187,19 @@ class Localizer:
             # The mapping camera's queries are answered in the frame its mapping poses described.
             T_world_cam, covariance_66 = lens.mount.to_pose_frame(T_world_cam, covariance_66)
         return LocalizationResult(res.success, res.reason, T_world_cam, covariance_66, int(res.n_inliers),
-                                  int(res.n_input), timings)
+                                  int(res.n_input), timings, support)
+
+    def _supported(self, res: PnPResult, accepted: PnPResult, coords_N3: np.ndarray, pixels_N2: np.ndarray,
+                   intrinsics: Intrinsics) -> tuple[PnPResult, float]:
+        """The re-solved pose ``res``, or the accepting solve's where ``res`` explains less than
+        ``resolve_min_support`` of its inliers; with the share ``res`` explains."""
+        if res is accepted:
+            return res, 1.0
+        inlier_N = accepted.inlier_mask
+        explained = within_threshold(res.T_world_cam, coords_N3[inlier_N], pixels_N2[inlier_N], intrinsics,
+                                     self.pnp_config().threshold_for(intrinsics.height))
+        support = float(explained.mean())
+        return (accepted if support < self.pnp.resolve_min_support else res), support
 
     @property
     def solves_in_visit(self) -> bool:

@@ -99,6 +99,9 @@ PARAMETERS: tuple[Spec, ...] = (
     Spec("pnp.seed_ray_depth_sigma", PnPConfig.seed_ray_depth_sigma, "the final fit leaves each inlier landmark's "
          "depth along the ray of the mapping view it was seeded from uncertain by this fraction of the depth "
          "(maps that record their views); 0 = trust depths like rays [fraction]", range=(0.0, 1.0)),
+    Spec("pnp.resolve_min_support", PnPConfig.resolve_min_support, "keep the accepting solve's pose where the "
+         "re-solves (visit, photometric, seed rays) end on one that explains less than this share of its "
+         "inliers; 0 = always take the re-solved pose [fraction]", range=(0.0, 1.0)),
     # Outputs.
     Spec("path.max_poses", 1000, "length of the trajectory (nav_msgs/Path) on 'path'; 0 = no path [poses]",
          range=(0, 100_000)),
@@ -161,7 +164,8 @@ _PNP_FIELDS = {"pnp.threshold_px": "threshold_px", "pnp.refined_threshold_px": "
                "pnp.max_uncertainty": "max_uncertainty", "pnp.max_iterations": "max_iterations",
                "pnp.refine_pixels": "refine_pixels", "pnp.refine_window_px": "refine_window_px",
                "pnp.photometric_refinement": "photometric_refinement", "pnp.solve_in_visit": "solve_in_visit",
-               "pnp.seed_ray_depth_sigma": "seed_ray_depth_sigma"}
+               "pnp.seed_ray_depth_sigma": "seed_ray_depth_sigma",
+               "pnp.resolve_min_support": "resolve_min_support"}
 
 
 def descriptor(spec: Spec) -> ParameterDescriptor:
@@ -247,4 +251,5 @@ def pnp_config(values: dict[str, Any]) -> PnPConfig:
         photometric_refinement=bool(v["pnp.photometric_refinement"]),
         solve_in_visit=bool(v["pnp.solve_in_visit"]),
         seed_ray_depth_sigma=float(v["pnp.seed_ray_depth_sigma"]),
+        resolve_min_support=float(v["pnp.resolve_min_support"]),
     )

@@ -426,6 +426,19 @@ def test_undistorter_inverts_opencv_distortion(scene) -> None:
     assert err(restored) < 2.0 and err(restored) < 0.2 * err(distorted), (err(restored), err(distorted))
 
 
+def test_every_pnp_parameter_reaches_the_localizer_config() -> None:
+    """Each ``pnp.*`` parameter set away from its default arrives in its ``PnPConfig`` field."""
+    for name, field in P._PNP_FIELDS.items():
+        default = P.SPECS[name].default
+        if isinstance(default, bool):
+            value = not default
+        elif isinstance(default, int):
+            value = default + 1
+        else:
+            value = 0.5 * default if default > 0 else 0.25
+        assert getattr(P.pnp_config({name: value}), field) == value, name
+
+
 def test_parameter_table_matches_yaml() -> None:
     yaml = pytest.importorskip("yaml")
     doc = yaml.safe_load((REPO / "config" / "aceg.yaml").read_text())

@@ -146,6 +146,35 @@ def test_seed_ray_fit_keeps_the_poses_and_widens_the_covariance(mapped, photomet
     assert np.mean(widened) >= 0.75, widened
 
 
+def test_a_resolve_that_leaves_the_accepting_evidence_is_undone(mapped, monkeypatch) -> None:
+    """``resolve_min_support``: the re-solves of a good room keep nearly all of the accepting
+    solve's inliers; a photometric step that throws the pose 30 cm aside explains few of them,
+    and the guard answers with the accepting solve's pose instead (off, the thrown pose stands)."""
+    model, scene_map, _, scene = mapped
+    frame = scene.queries["lighting"][0]
+    assert PnPConfig().resolve_min_support == 0.5  # the default is on
+    honest = Localizer(model, scene_map).localize(frame.image, frame.intrinsics)
+    assert honest.success and honest.resolve_support > 0.8, honest.resolve_support
+    accepting = Localizer(model, scene_map, PnPConfig(solve_in_visit=False, photometric_refinement=False)
+                          ).localize(frame.image, frame.intrinsics)
+    refine = Localizer._refine_photometrically
+
+    def thrown_aside(self, res, observed, image, intrinsics):
+        out, observed = refine(self, res, observed, image, intrinsics)
+        T = out.T_world_cam.copy()
+        T[:3, 3] += T[:3, :3] @ np.array([0.3, 0.0, 0.0])
+        return replace(out, T_world_cam=T), observed
+
+    monkeypatch.setattr(Localizer, "_refine_photometrically", thrown_aside)
+    guarded = Localizer(model, scene_map).localize(frame.image, frame.intrinsics)
+    unguarded = Localizer(model, scene_map, PnPConfig(resolve_min_support=0.0)).localize(frame.image,
+                                                                                          frame.intrinsics)
+    assert guarded.success and unguarded.success
+    assert guarded.resolve_support < 0.5 and unguarded.resolve_support == guarded.resolve_support
+    np.testing.assert_allclose(guarded.T_world_cam, accepting.T_world_cam, atol=1e-9)
+    assert pose_error(unguarded.T_world_cam, guarded.T_world_cam)[0] > 0.25
+
+
 def test_uncertainty_ranks_correspondences(mapped) -> None:
     """The most certain quarter of the regressed points holds more inliers (under the true pose) than all."""
     model, scene_map, _, scene = mapped

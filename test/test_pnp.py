@@ -165,6 +165,9 @@ def test_shape_errors_raise() -> None:
         solve_pnp(np.zeros((10, 3)), np.zeros((10, 2)), INTRINSICS, uncertainty_N=np.zeros(3))
     with pytest.raises(ValueError, match="min_iterations"):
         PnPConfig(min_iterations=10, max_iterations=5)
+    for share in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="resolve_min_support"):
+            PnPConfig(resolve_min_support=share)
 
 
 def test_covariance_shrinks_with_more_inliers() -> None:

@@ -190,6 +190,16 @@ def test_uncertainty_ranks_correspondences(mapped) -> None:
     assert np.mean(ratios_top) > np.mean(ratios_all) + 0.05, (ratios_top, ratios_all)
 
 
+def test_position_consistency_is_the_normalized_squared_error() -> None:
+    from aceg_model.evaluate import position_consistency
+
+    T_gt, T_est = np.eye(4), np.eye(4)
+    T_est[:3, 3] = [0.03, 0.0, -0.04]
+    cov = np.diag([0.01**2, 0.02**2, 0.02**2, 1e-4, 1e-4, 1e-4])
+    sigma_cm, nees = position_consistency(T_est, cov, T_gt)
+    assert sigma_cm == pytest.approx(2.0) and nees == pytest.approx(3.0**2 + 2.0**2)
+
+
 def test_aceg_eval_reuses_a_saved_map_and_reports_accuracy(mapped, tmp_path: Path, capsys) -> None:
     """``aceg-eval --map`` on the scene written as a posed folder: the JSON holds the documented
     keys, meets the localizer test's bar on the same frames, and bad arguments exit with status 2."""
@@ -211,6 +221,14 @@ def test_aceg_eval_reuses_a_saved_map_and_reports_accuracy(mapped, tmp_path: Pat
     assert result["n_query"] == len(scene.queries["lighting"]) and result["mapping_seconds"] == 0.0
     assert result["pct_10cm_10deg"] >= 50.0  # the same bar as the localizer test above
     assert set(result["perturbed"]) == {"darker"}
+    # Per frame, the covariance against the error; rendered poses are exact, so the covariance of
+    # the pixels' noise should cover most frames (the kitchen's does not: models/README.md).
+    posed = [f for f in result["frames"] if f["success"]]
+    assert posed and all(f["sigma_trans_cm"] > 0 and f["nees_trans"] >= 0 for f in posed)
+    assert 0.0 < result["nees_trans_median"] < 50.0 and 0.0 <= result["pct_nees_trans_within_95"] <= 100.0
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(args + ["--resolve-min-support", "1.5"])
+    assert exit_info.value.code == 2 and "--resolve-min-support must be in [0, 1]" in capsys.readouterr().err
     # Keeping every correspondence is accepted; a negative prefilter size is refused.
     assert evaluate.main(args[:-2] + ["--top-k", "0", "--max-query", "2", "--json", str(tmp_path / "all.json")]) == 0
     assert json.loads((tmp_path / "all.json").read_text())["n_query"] == 2

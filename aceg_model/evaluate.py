@@ -26,6 +26,7 @@ from aceg_model.mapping import METHODS, MappingConfig, SceneMap, map_scene, mapp
 from aceg_model.metrics import accuracy_summary
 from aceg_model.model import AcegModel, pick_device
 from aceg_model.pnp import PnPConfig
+from aceg_model.map_consistency import consistency_summary
 from aceg_model.pose_check import pose_check_summary
 from aceg_model.visits import VisitConfig
 
@@ -130,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolve-min-support", type=float, default=PnPConfig.resolve_min_support,
                    help="keep the accepting solve's pose where the re-solved one explains less than this share "
                         "of its inliers (0 = off; see PnPConfig.resolve_min_support)")
+    p.add_argument("--no-map-floor", action="store_true",
+                   help="report the covariance of the inliers alone, without the map's floor (how its visits "
+                        "disagree; see aceg_model.map_consistency)")
     p.add_argument("--max-query", type=int, default=None, help="evaluate only every n-th query so at most this many")
     p.add_argument("--perturb", nargs="*", choices=PERTURBATIONS, default=None,
                    help="also evaluate under these photometric changes (none given: all)")
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    pose_check, lens_estimate = None, None
+    pose_check, lens_estimate, consistency = None, None, None
     if args.map:
         scene_map = SceneMap.load(args.map, model)
         mapping_seconds = 0.0
@@ -182,20 +186,23 @@ def main(argv: list[str] | None = None) -> int:
                                 visit_window_s=args.visit_window, check_poses=not args.no_pose_check)
         scene_map, report = map_scene(model, mapping, config, progress)
         bar.close()
-        pose_check, lens_estimate = report.pose_check, report.lens
+        pose_check, lens_estimate, consistency = report.pose_check, report.lens, report.consistency
         mapping_seconds = time.perf_counter() - t0
         if args.save_map:
             scene_map.save(args.save_map)
     localizer = Localizer(model, scene_map, PnPConfig(top_k=args.top_k or None, refine_pixels=not args.no_refine_pixels,
                                                       photometric_refinement=not args.no_photometric,
                                                       seed_ray_depth_sigma=args.seed_ray_sigma,
-                                                      resolve_min_support=args.resolve_min_support))
+                                                      resolve_min_support=args.resolve_min_support,
+                                                      map_floor=not args.no_map_floor))
     result = {"method": args.method, "data": str(args.data), "model": str(args.model), "device": str(device),
               "n_mapping": len(mapping), "mapping_seconds": mapping_seconds,
               "refine_pixels": localizer.refines_pixels, "photometric": localizer.refines_photometrically,
               "lens": None if scene_map.lens is None else scene_map.lens.to_meta(),
               "lens_estimate": None if lens_estimate is None else lens_summary(lens_estimate),
               "pose_check": None if pose_check is None else pose_check.to_json(),
+              "consistency": None if consistency is None else consistency.to_json(),
+              "map_floor": localizer.adds_map_floor,
               "visit_window_s": None if scene_map.views is None else scene_map.views.window_s,
               "solve_in_visit": localizer.solves_in_visit,
               "seed_ray_depth_sigma": localizer.pnp.seed_ray_depth_sigma if localizer.refines_along_seed_rays else 0.0,
@@ -227,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.method}: mapping {mapping_seconds:.0f} s, {len(queries)} queries, {refined}, {lens_text}")
     if pose_check is not None:
         print(f"  {pose_check_summary(pose_check)}")
+    if not args.map:
+        print(f"  visits: {consistency_summary(consistency)}")
     for name, r in rows:
         print(f"  {name:12s} 5cm/5deg {r['pct_5cm_5deg']:5.1f}%  10cm/10deg {r['pct_10cm_10deg']:5.1f}%  "
               f"median {r['median_trans_cm']:.1f} cm / {r['median_rot_deg']:.2f} deg  failed {r['n_failed']}  "

@@ -11,7 +11,8 @@ fit the pose once more with each landmark's depth along its seed ray left uncert
 (``aceg_model.seed_rays``) -> 6x6 covariance from the inliers -> the first solve's pose instead,
 where the re-solved one explains less than ``pnp.resolve_min_support`` of the first solve's
 inliers (it found another pose, not a sharper one) -> for the mapping camera's
-images, the pose of the frame its mapping poses described (``aceg_model.camera_mount``).
+images, the pose of the frame its mapping poses described (``aceg_model.camera_mount``) ->
+the map's covariance floor added (how its visits disagree, ``aceg_model.map_consistency``).
 The network and the scene head stay on one device for the whole run.
 """
 from __future__ import annotations
@@ -106,10 +107,12 @@ class Localizer:
         return self.pnp
 
     @torch.inference_mode()
-    def _regress(self, image: np.ndarray, intrinsics: Intrinsics, with_candidates: bool):
+    def _regress(self, image: np.ndarray, intrinsics: Intrinsics, with_candidates: bool,
+                 allowed_M: torch.Tensor | None = None):
         """``regress`` plus each patch's candidate landmark positions (N x k x 3, map frame; None
         unless ``with_candidates`` and the map has landmarks), for the guided refinement, and
-        each patch's best landmark (N; None for a map without landmarks)."""
+        each patch's best landmark (N; None for a map without landmarks). With ``allowed_M``
+        (bool per landmark) the patches attend to those landmarks only."""
         t0 = time.perf_counter()
         image_1HW, K_work = prepare_image(image, intrinsics, self.model.config.image_height)
         feats_1Dhw = self.model.encoder(image_1HW.unsqueeze(0).to(self.device))
@@ -118,8 +121,8 @@ class Localizer:
         _, D, h, w = feats_1Dhw.shape
         feats_PD = feats_1Dhw[0].flatten(1).T
         refine = self.refines_pixels
-        if with_candidates or refine or self.refines_photometrically:
-            coords_P3, log_sigma_P, candidates_Pk = self.scene_map.predict_with_candidates(feats_PD)
+        if with_candidates or refine or self.refines_photometrically or allowed_M is not None:
+            coords_P3, log_sigma_P, candidates_Pk = self.scene_map.predict_with_candidates(feats_PD, allowed_M)
         else:
             (coords_P3, log_sigma_P), candidates_Pk = self.scene_map.predict(feats_PD), None
         self._sync()
@@ -151,10 +154,16 @@ class Localizer:
         image = self._undistort(image, intrinsics, lens.distortion)
         return image, {"undistort": 1e3 * (time.perf_counter() - t0)}
 
-    def localize(self, image: np.ndarray, intrinsics: Intrinsics) -> LocalizationResult:
+    def localize(self, image: np.ndarray, intrinsics: Intrinsics,
+                 allowed_landmarks: np.ndarray | None = None) -> LocalizationResult:
+        """The image's pose in the map. ``allowed_landmarks`` (bool, one per landmark): match
+        those landmarks only (mapping's consistency check leaves out the image's own visit)."""
+        allowed_M = None
+        if allowed_landmarks is not None:
+            allowed_M = torch.as_tensor(np.asarray(allowed_landmarks, dtype=bool), device=self.device)
         image, t_lens = self._undistorted(image, intrinsics)
         coords, log_sigma, pixels, _, timings, candidates, best = self._regress(
-            image, intrinsics, with_candidates=self.pnp.guided_refinement)
+            image, intrinsics, with_candidates=self.pnp.guided_refinement, allowed_M=allowed_M)
         timings.update(t_lens)
         pnp = self.pnp_config()
         res = solve_pnp(coords, pixels, intrinsics, pnp, uncertainty_N=np.exp(log_sigma))
@@ -186,6 +195,9 @@ class Localizer:
         if res.success and lens is not None and lens.applies_to(intrinsics):
             # The mapping camera's queries are answered in the frame its mapping poses described.
             T_world_cam, covariance_66 = lens.mount.to_pose_frame(T_world_cam, covariance_66)
+        if res.success and self.adds_map_floor:
+            # Measured in mapping against the poses as given, so it is added in their frame.
+            covariance_66 = covariance_66 + self.scene_map.floor_66
         return LocalizationResult(res.success, res.reason, T_world_cam, covariance_66, int(res.n_inliers),
                                   int(res.n_input), timings, support)
 
@@ -200,6 +212,11 @@ class Localizer:
                                      self.pnp_config().threshold_for(intrinsics.height))
         support = float(explained.mean())
         return (accepted if support < self.pnp.resolve_min_support else res), support
+
+    @property
+    def adds_map_floor(self) -> bool:
+        """Whether poses' covariances include the map's floor (setting on, map with a floor)."""
+        return self.pnp.map_floor and self.scene_map.floor_66 is not None
 
     @property
     def solves_in_visit(self) -> bool:

@@ -29,6 +29,7 @@ from aceg_model.heads import CodesHead, MlpHead
 from aceg_model.landmarks import SweepConfig, SweepViews, neighbour_views, sweep_depths
 from aceg_model.lens import CorrectedFrames, LensConfig, LensEstimate, RadialDistortion, estimate_lens, frame_pose
 from aceg_model.losses import ReprojectionLossConfig, pixel_rays, reprojection_nll
+from aceg_model.map_consistency import ConsistencyConfig, ConsistencyReport, map_consistency
 from aceg_model.model import AcegModel, prepare_image
 from aceg_model.photo_depth import (GreyViews, LandmarkWindows, PhotoDepthConfig, grey_image, landmark_windows,
                                     refine_depths)
@@ -85,6 +86,9 @@ class MappingConfig:
     # Each landmark kept to the stretch of the mapping sequence it was seeded in, so that the drift
     # between two visits of a place does not blur it (``aceg_model.visits``; ACE-G only).
     visits: VisitConfig = field(default_factory=VisitConfig)
+    # Measure how the visits' poses disagree, by localizing some mapping images against the other
+    # visits' landmarks, and keep it as the floor of every pose covariance (``aceg_model.map_consistency``).
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     loss: ReprojectionLossConfig = field(default_factory=ReprojectionLossConfig)
 
     def __post_init__(self) -> None:
@@ -183,6 +187,9 @@ class SceneMap:
     windows: LandmarkWindows | None = None
     lens: MappingLens | None = None
     views: MappingViews | None = None
+    # 6x6 covariance of how the map's visits disagree (``aceg_model.map_consistency``), which the
+    # localizer adds to every pose's covariance; None where mapping could not measure it.
+    floor_66: np.ndarray | None = None
 
     @property
     def method(self) -> str:
@@ -193,13 +200,16 @@ class SceneMap:
         coords_b3, log_sigma_b = self.head(feats_bF)
         return coords_b3 + self._centre_like(coords_b3), log_sigma_b
 
-    def predict_with_candidates(self, feats_bF: torch.Tensor
+    def predict_with_candidates(self, feats_bF: torch.Tensor, allowed_M: torch.Tensor | None = None
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``predict`` plus the indices (``b x k``) of the landmarks each patch's attention chose
-        among, the best-matching one first; None for a head without landmarks (the MLP baseline)."""
+        among, the best-matching one first; None for a head without landmarks (the MLP baseline).
+        With ``allowed_M`` (bool, one per landmark) among those landmarks only."""
         if not isinstance(self.head, CodesHead) or not self.head.regressor.uses_top_k(len(self.head.keys)):
+            if allowed_M is not None:
+                raise ValueError("only a landmark map can be searched among some of its landmarks")
             return (*self.predict(feats_bF), None)
-        candidates_bk = self.head.candidates(feats_bF, best_first=True)
+        candidates_bk = self.head.candidates(feats_bF, best_first=True, allowed_M=allowed_M)
         coords_b3, log_sigma_b = self.head(feats_bF, candidates_bk)
         return coords_b3 + self._centre_like(coords_b3), log_sigma_b, candidates_bk
 
@@ -222,6 +232,9 @@ class SceneMap:
         meta.pop("window_scale", None)
         meta.pop("lens", None)
         meta.pop("visit_window_s", None)
+        meta.pop("map_floor", None)
+        if self.floor_66 is not None:
+            meta["map_floor"] = np.asarray(self.floor_66, dtype=np.float64).tolist()
         if self.views is not None:
             tensors.update(self.views.tensors())
             meta["visit_window_s"] = self.views.window_s
@@ -278,7 +291,20 @@ class SceneMap:
                                       tensors["window_axes"].to(model.device, torch.float32), radius, window_scale)
         lens = None if meta.get("lens") is None else MappingLens.from_meta(meta["lens"], path)
         views = None if window_s is None else MappingViews.from_tensors(tensors, window_s, path)
-        return cls(head.eval(), tensors["centre"].numpy().astype(np.float64), meta, fine, windows, lens, views)
+        floor = None if meta.get("map_floor") is None else checked_floor(meta["map_floor"], path)
+        return cls(head.eval(), tensors["centre"].numpy().astype(np.float64), meta, fine, windows, lens, views, floor)
+
+
+def checked_floor(value, path) -> np.ndarray:
+    """A map file's covariance floor as a 6x6 array; ValueError unless finite, symmetric and PSD."""
+    try:
+        floor = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        floor = np.zeros(0)
+    if floor.shape != (6, 6) or not np.isfinite(floor).all() or not np.allclose(floor, floor.T, atol=1e-12) \
+            or np.linalg.eigvalsh(floor)[0] < -1e-12:
+        raise ValueError(f"{path}: invalid map_floor: need a finite, symmetric, positive semi-definite 6x6 matrix")
+    return floor
 
 
 @dataclass
@@ -295,11 +321,13 @@ class MappingReport:
     seconds_optimize: float
     lens: LensEstimate | None = None  # None when the estimate was switched off
     pose_check: PoseCheck | None = None  # None when the check was switched off
+    consistency: ConsistencyReport | None = None  # None when switched off or without visits
 
     @property
     def seconds(self) -> float:
         return (self.seconds_encode + self.seconds_seed + self.seconds_optimize
-                + (self.lens.seconds if self.lens else 0) + (self.pose_check.seconds if self.pose_check else 0))
+                + (self.lens.seconds if self.lens else 0) + (self.pose_check.seconds if self.pose_check else 0)
+                + (self.consistency.seconds if self.consistency else 0))
 
 
 @dataclass
@@ -492,6 +520,7 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
         pose_check = check_poses(checked, lens.distortion if lens else None, cfg.pose_check)
         if progress:
             progress("pose check", 1, 1, {"median_px": pose_check.median_px, "flagged": len(pose_check.flagged)})
+    given = frames  # the consistency check localizes them as a query would come: lens and all
     if lens is not None:
         frames = CorrectedFrames(frames, lens.distortion, lens.mount)
 
@@ -574,7 +603,17 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
         "mapping": asdict(cfg),
         "report": asdict(report),
     }
-    return SceneMap(head.eval(), centre_3, meta, fine, windows, lens, views), report
+    scene_map = SceneMap(head.eval(), centre_3, meta, fine, windows, lens, views)
+    if cfg.consistency.enabled and views is not None:
+        if progress:
+            progress("consistency", 0, 1, {})
+        report.consistency = map_consistency(model, scene_map, given, cfg.consistency)
+        scene_map.floor_66 = report.consistency.covariance_66
+        meta["report"]["consistency"] = report.consistency.to_json()
+        if progress:
+            progress("consistency", 1, 1, {"probes": report.consistency.n_localized,
+                                           "sigma_cm": report.consistency.sigma_cm})
+    return scene_map, report
 
 
 def progress_bar(iterations: int, desc: str) -> tuple[Progress, "object"]:

@@ -121,6 +121,10 @@ class PnPConfig:
     # one pass's drift 2-3 cm away) and keeping the accepting pose gives 55 % within 2 cm
     # against 50 % (models/README.md, "Re-solve guard").
     resolve_min_support: float = 0.5
+    # Add the map's covariance floor (``aceg_model.map_consistency``: how its visits disagree,
+    # measured in mapping) to every pose's covariance, where the map has one. The covariance
+    # of the inliers' residuals alone does not see the map's own error.
+    map_floor: bool = True
     # Optional final fit (``aceg_model.seed_rays``): each inlier landmark's depth along the ray of
     # the mapping view it was seeded from gets a prior of seed_ray_depth_sigma x its depth instead
     # of being trusted like the ray; observations are otherwise uncertain by seed_ray_sigma_px (at

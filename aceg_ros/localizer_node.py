@@ -866,6 +866,7 @@ class AcegLocalizer(LifecycleNode):
         from aceg_model.lens import lens_summary
         from aceg_model.localizer import Localizer
         from aceg_model.mapping import map_scene, mapping_config
+        from aceg_model.map_consistency import consistency_summary
         from aceg_model.pose_check import pose_check_summary
         from aceg_ros.bag_io import read_bag_frames
 
@@ -924,7 +925,7 @@ class AcegLocalizer(LifecycleNode):
                            f"median reprojection {rep.final_median_px:.1f} px; lens: "
                            f"{'not estimated' if rep.lens is None else lens_summary(rep.lens)}; "
                            f"{'poses not checked' if rep.pose_check is None else pose_check_summary(rep.pose_check)}; "
-                           f"wrote {out} and swapped it in")
+                           f"visits: {consistency_summary(rep.consistency)}; wrote {out} and swapped it in")
         except _MappingCancelled:
             job.success, job.message = False, "mapping cancelled (node cleaned up or shut down); no map written"
         except Exception as e:  # noqa: BLE001 - reported to the caller, never fatal to the node

@@ -13,6 +13,7 @@ from aceg_model.landmarks import MAX_SWEEP_SCALE, SweepConfig
 from aceg_model.lens import lens_summary
 from aceg_model.mapping import METHODS, MappingConfig, map_scene, mapping_config, progress_bar
 from aceg_model.model import AcegModel, pick_device
+from aceg_model.map_consistency import consistency_summary
 from aceg_model.pose_check import pose_check_summary
 from aceg_model.visits import VisitConfig
 
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lens: {lens_summary(report.lens)}")
     if report.pose_check is not None:
         print(f"poses: {pose_check_summary(report.pose_check)}")
+    print(f"visits: {consistency_summary(report.consistency)}")
     return 0
 
 

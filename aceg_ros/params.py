@@ -102,6 +102,8 @@ PARAMETERS: tuple[Spec, ...] = (
     Spec("pnp.resolve_min_support", PnPConfig.resolve_min_support, "keep the accepting solve's pose where the "
          "re-solves (visit, photometric, seed rays) end on one that explains less than this share of its "
          "inliers; 0 = always take the re-solved pose [fraction]", range=(0.0, 1.0)),
+    Spec("pnp.map_floor", True, "add the map's covariance floor (how its visits disagree, measured in mapping) "
+         "to every pose's covariance, for maps that carry one"),
     # Outputs.
     Spec("path.max_poses", 1000, "length of the trajectory (nav_msgs/Path) on 'path'; 0 = no path [poses]",
          range=(0, 100_000)),
@@ -165,7 +167,7 @@ _PNP_FIELDS = {"pnp.threshold_px": "threshold_px", "pnp.refined_threshold_px": "
                "pnp.refine_pixels": "refine_pixels", "pnp.refine_window_px": "refine_window_px",
                "pnp.photometric_refinement": "photometric_refinement", "pnp.solve_in_visit": "solve_in_visit",
                "pnp.seed_ray_depth_sigma": "seed_ray_depth_sigma",
-               "pnp.resolve_min_support": "resolve_min_support"}
+               "pnp.resolve_min_support": "resolve_min_support", "pnp.map_floor": "map_floor"}
 
 
 def descriptor(spec: Spec) -> ParameterDescriptor:
@@ -252,4 +254,5 @@ def pnp_config(values: dict[str, Any]) -> PnPConfig:
         solve_in_visit=bool(v["pnp.solve_in_visit"]),
         seed_ray_depth_sigma=float(v["pnp.seed_ray_depth_sigma"]),
         resolve_min_support=float(v["pnp.resolve_min_support"]),
+        map_floor=bool(v["pnp.map_floor"]),
     )

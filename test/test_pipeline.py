@@ -175,6 +175,38 @@ def test_a_resolve_that_leaves_the_accepting_evidence_is_undone(mapped, monkeypa
     assert pose_error(unguarded.T_world_cam, guarded.T_world_cam)[0] > 0.25
 
 
+def test_map_floor_measures_how_the_visits_disagree_and_widens_the_covariance(mapped, tmp_path: Path) -> None:
+    """Mapping images localized against the other visits' landmarks only: on exact rendered poses
+    they land within millimetres, and where half of the given poses are shifted by 5 cm the floor
+    says so. The localizer adds the floor to its covariance, and the map file keeps it."""
+    from aceg_model.map_consistency import ConsistencyConfig, map_consistency
+    from aceg_model.mapping import SceneMap
+
+    model, scene_map, _, scene = mapped
+    # The room's 40 mapping images span 4 s, one visit at the default 10 s; 0.3 s visits leave each
+    # image the landmarks of all but its nearest neighbours.
+    visits = replace(scene_map, views=replace(scene_map.views, window_s=0.3), floor_66=None)
+    exact = map_consistency(model, visits, scene.mapping, ConsistencyConfig(probes=20))
+    assert exact.n_probes == 20 and exact.n_localized >= 15 and exact.sigma_cm < 1.0, exact.to_json()
+    shift = np.eye(4)
+    shift[:3, 3] = [0.05, 0.0, 0.0]
+    half = len(scene.mapping) // 2
+    shifted = [f if i < half else replace(f, T_world_cam=shift @ f.T_world_cam) for i, f in enumerate(scene.mapping)]
+    drifted = map_consistency(model, visits, shifted, ConsistencyConfig(probes=20))
+    assert drifted.sigma_cm > 2.5 and drifted.sigma_cm > 3 * exact.sigma_cm, (drifted.sigma_cm, exact.sigma_cm)
+
+    floored = replace(visits, floor_66=drifted.covariance_66)
+    path = tmp_path / "floored.map.safetensors"
+    floored.save(path)
+    loaded = SceneMap.load(path, model)
+    np.testing.assert_allclose(loaded.floor_66, drifted.covariance_66)
+    frame = scene.queries["lighting"][0]
+    with_floor = Localizer(model, loaded).localize(frame.image, frame.intrinsics)
+    without = Localizer(model, loaded, PnPConfig(map_floor=False)).localize(frame.image, frame.intrinsics)
+    assert with_floor.success and without.success
+    np.testing.assert_allclose(with_floor.covariance_66 - without.covariance_66, drifted.covariance_66, atol=1e-12)
+
+
 def test_uncertainty_ranks_correspondences(mapped) -> None:
     """The most certain quarter of the regressed points holds more inliers (under the true pose) than all."""
     model, scene_map, _, scene = mapped

@@ -22,11 +22,11 @@ from aceg_model.geometry import pose_error
 from aceg_model.landmarks import MAX_SWEEP_SCALE, SweepConfig
 from aceg_model.lens import lens_summary, mount_summary
 from aceg_model.localizer import Localizer
+from aceg_model.map_consistency import consistency_summary
 from aceg_model.mapping import METHODS, MappingConfig, SceneMap, map_scene, mapping_config, progress_bar
 from aceg_model.metrics import accuracy_summary
 from aceg_model.model import AcegModel, pick_device
 from aceg_model.pnp import PnPConfig
-from aceg_model.map_consistency import consistency_summary
 from aceg_model.pose_check import pose_check_summary
 from aceg_model.visits import VisitConfig
 

@@ -17,11 +17,10 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.spatial.transform import Rotation
-
-from typing import TYPE_CHECKING
 
 from aceg_model.frames import Frame
 from aceg_model.model import AcegModel
@@ -33,6 +32,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ConsistencyConfig:
+    """How mapping measures its visits' disagreement (``MappingConfig.consistency``)."""
+
     enabled: bool = True
     probes: int = 40  # mapping images localized, evenly spread over the sequence
     min_probes: int = 10  # fewer localized probes than this give no floor
@@ -61,6 +62,8 @@ class ConsistencyConfig:
 
 @dataclass
 class ConsistencyReport:
+    """What :func:`map_consistency` found (``MappingReport.consistency``)."""
+
     n_probes: int  # probes tried (with enough landmarks of other visits)
     n_localized: int
     covariance_66: np.ndarray | None  # the floor (ROS order, map frame); None: too few probes
@@ -69,10 +72,10 @@ class ConsistencyReport:
     seconds: float
 
     def to_json(self) -> dict:
+        """For the map file's metadata and reports (strict JSON: None where there is no number)."""
         floor = None if self.covariance_66 is None else self.covariance_66.tolist()
-        finite = lambda x: x if np.isfinite(x) else None  # noqa: E731 - map metadata is strict JSON
         return {"n_probes": self.n_probes, "n_localized": self.n_localized, "covariance_66": floor,
-                "median_trans_cm": finite(self.median_trans_cm), "median_rot_deg": finite(self.median_rot_deg),
+                "median_trans_cm": _number(self.median_trans_cm), "median_rot_deg": _number(self.median_rot_deg),
                 "seconds": self.seconds}
 
     @property
@@ -81,6 +84,10 @@ class ConsistencyReport:
         if self.covariance_66 is None:
             return float("nan")
         return 100.0 * float(np.sqrt(np.linalg.eigvalsh(self.covariance_66[:3, :3])[-1]))
+
+
+def _number(x: float) -> float | None:
+    return x if np.isfinite(x) else None
 
 
 def consistency_summary(report: ConsistencyReport | None) -> str:
@@ -124,7 +131,7 @@ def map_consistency(model: AcegModel, scene_map: "SceneMap", frames: Sequence[Fr
     localizer = Localizer(model, scene_map, PnPConfig(map_floor=False))
     views = scene_map.views
     nothing = ConsistencyReport(0, 0, None, float("nan"), float("nan"), 0.0)
-    if views is None or len(frames) != len(views.stamps_I):
+    if views is None or len(frames) != len(views.stamps_I):  # no visits, or not this map's images: no floor
         return nothing
     seed_stamps_M = views.stamps_I[views.seed_view_M]
     errors, tried = [], 0

@@ -24,7 +24,7 @@ from aceg_model.lens import lens_summary, mount_summary
 from aceg_model.localizer import Localizer
 from aceg_model.map_consistency import consistency_summary
 from aceg_model.mapping import METHODS, MappingConfig, SceneMap, map_scene, mapping_config, progress_bar
-from aceg_model.metrics import accuracy_summary
+from aceg_model.metrics import accuracy_summary, covariance_summary, position_consistency
 from aceg_model.model import AcegModel, pick_device
 from aceg_model.pnp import PnPConfig
 from aceg_model.pose_check import pose_check_summary
@@ -39,18 +39,6 @@ def perturb(image: np.ndarray, name: str, seed: int) -> np.ndarray:
     from aceg_model.scene.appearance import PRESETS
 
     return PRESETS[name].apply(image, np.random.default_rng(seed))
-
-
-CHI2_3DOF_95 = 7.815  # 95 % quantile of the chi-square distribution with 3 degrees of freedom
-
-
-def position_consistency(T_est: np.ndarray, covariance_66: np.ndarray, T_gt: np.ndarray) -> tuple[float, float]:
-    """How the reported covariance covers the camera position's error: the standard deviation
-    along its least certain direction (cm), and the normalized squared error
-    ``e^T C^-1 e`` (chi-square with 3 degrees of freedom where the covariance is right)."""
-    C_33 = covariance_66[:3, :3]
-    e_3 = T_est[:3, 3] - T_gt[:3, 3]
-    return 100.0 * float(np.sqrt(np.linalg.eigvalsh(C_33)[-1])), float(e_3 @ np.linalg.solve(C_33, e_3))
 
 
 def evaluate_queries(localizer: Localizer, queries, perturbation: str | None = None, desc: str = "localize") -> dict:
@@ -74,11 +62,7 @@ def evaluate_queries(localizer: Localizer, queries, perturbation: str | None = N
                         "sigma_trans_cm": sigma_cm, "nees_trans": nees, "ms": res.timings_ms})
     out = accuracy_summary(t_err, r_err)
     out["localize_ms_mean"] = float(np.mean(times)) if times else float("nan")
-    # Whether the reported covariances cover the errors: where they are right, the median
-    # normalized squared position error is 2.37 and 95 % of the frames are within 7.81 (chi-square, 3 dof).
-    nees = [r["nees_trans"] for r in records if r["nees_trans"] is not None]
-    out["nees_trans_median"] = float(np.median(nees)) if nees else float("nan")
-    out["pct_nees_trans_within_95"] = 100.0 * float(np.mean(np.array(nees) <= CHI2_3DOF_95)) if nees else float("nan")
+    out.update(covariance_summary([r["nees_trans"] for r in records]))
     # Frames answered with the first solve's pose because the re-solved one left its evidence.
     out["n_first_solve_kept"] = sum(r["success"] and r["resolve_support"] < localizer.pnp.resolve_min_support
                                     for r in records)

@@ -22,7 +22,11 @@ JSON keys (``summarize``):
   no pose came), ``gt_pose`` (same layout, or null), ``trans_err_cm`` and
   ``rot_err_deg`` (null without a pose or ground truth), ``latency_ms``,
   ``position_std_cm`` / ``rotation_std_deg`` (from the pose covariance),
-  ``n_inliers`` and ``reason`` (offline mode only; null over DDS);
+  ``nees_trans`` (the position error normalized by the covariance, ``e^T C^-1 e``;
+  null without a pose, ground truth or covariance), ``n_inliers`` and ``reason``
+  (offline mode only; null over DDS);
+- ``nees_trans_median`` and ``pct_nees_trans_within_95``: whether the covariances
+  cover the errors (2.37 and 95 % where they are right);
 - whatever the caller passes as ``meta`` (mode, rate, bag, map, model, ...).
 
 NaN never reaches the JSON: missing numbers are null.
@@ -40,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from aceg_model.geometry import pose_error, pose_from_quat, quat_from_pose
-from aceg_model.metrics import THRESHOLDS, accuracy_summary
+from aceg_model.metrics import THRESHOLDS, accuracy_summary, covariance_summary, position_consistency
 
 PLOT_NAMES = ("trajectory", "error_over_time", "error_cdf")
 ERROR_FLOOR = (0.01, 0.001)  # cm, deg: exact poses (oracle tests) still show on log axes
@@ -89,14 +93,16 @@ def frame_record(r: FrameResult) -> dict:
     if r.T_est is not None and r.T_gt is not None:
         dt, dr = pose_error(r.T_est, r.T_gt)
         t_err, r_err = 100.0 * dt, dr
-    pos_std = rot_std = None
+    pos_std = rot_std = nees = None
     if r.covariance_66 is not None:
         cov = np.asarray(r.covariance_66, dtype=np.float64)
         pos_std = 100.0 * math.sqrt(max(float(np.trace(cov[:3, :3])), 0.0))
         rot_std = math.degrees(math.sqrt(max(float(np.trace(cov[3:, 3:])), 0.0)))
+        if t_err is not None and np.linalg.eigvalsh(cov[:3, :3])[0] > 0:
+            nees = position_consistency(r.T_est, cov, r.T_gt)[1]
     return {"stamp": r.stamp_ns * 1e-9, "pose": _pose7(r.T_est), "gt_pose": _pose7(r.T_gt),
             "trans_err_cm": _num(t_err), "rot_err_deg": _num(r_err), "latency_ms": _num(r.latency_ms),
-            "position_std_cm": _num(pos_std), "rotation_std_deg": _num(rot_std),
+            "position_std_cm": _num(pos_std), "rotation_std_deg": _num(rot_std), "nees_trans": _num(nees),
             "n_inliers": r.n_inliers, "reason": r.reason}
 
 
@@ -123,6 +129,7 @@ def summary_from_frames(frames: list[dict], wall_s: float | None = None) -> dict
                **{f"pct_{cm}cm_{deg}deg": None for cm, deg in THRESHOLDS},
                "median_trans_cm": None, "median_rot_deg": None}
     out.update({k: (_num(v) if isinstance(v, float) else v) for k, v in acc.items()})
+    out.update({k: _num(v) for k, v in covariance_summary([f.get("nees_trans") for f in with_gt]).items()})
     lat = np.array([f["latency_ms"] for f in localized if f["latency_ms"] is not None], dtype=np.float64)
     for name, q in (("p50", 50), ("p90", 90), ("p99", 99)):
         out[f"latency_{name}_ms"] = _num(np.percentile(lat, q)) if len(lat) else None
@@ -166,7 +173,9 @@ def markdown(report: dict, plots: dict[str, Path] | None = None, title: str = "a
                  ("within 10 cm / 10 deg", _fmt(report["pct_10cm_10deg"], ".1f", " %")),
                  ("median translation error", _fmt(report["median_trans_cm"], ".2f", " cm")),
                  ("median rotation error", _fmt(report["median_rot_deg"], ".2f", " deg")),
-                 ("failed (no pose, counted as wrong)", report["n_failed"])]
+                 ("failed (no pose, counted as wrong)", report["n_failed"]),
+                 ("position errors within the covariance's 95 % bound",
+                  _fmt(report.get("pct_nees_trans_within_95"), ".1f", " %"))]
     rows += [("latency p50 / p90 / p99", f"{_fmt(report['latency_p50_ms'], '.0f')} / "
               f"{_fmt(report['latency_p90_ms'], '.0f')} / {_fmt(report['latency_p99_ms'], '.0f')} ms"),
              ("throughput", _fmt(report["throughput_fps"], ".2f", " frames/s")),

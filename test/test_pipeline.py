@@ -223,13 +223,15 @@ def test_uncertainty_ranks_correspondences(mapped) -> None:
 
 
 def test_position_consistency_is_the_normalized_squared_error() -> None:
-    from aceg_model.evaluate import position_consistency
+    from aceg_model.metrics import covariance_summary, position_consistency
 
     T_gt, T_est = np.eye(4), np.eye(4)
     T_est[:3, 3] = [0.03, 0.0, -0.04]
     cov = np.diag([0.01**2, 0.02**2, 0.02**2, 1e-4, 1e-4, 1e-4])
     sigma_cm, nees = position_consistency(T_est, cov, T_gt)
     assert sigma_cm == pytest.approx(2.0) and nees == pytest.approx(3.0**2 + 2.0**2)
+    summary = covariance_summary([1.0, None, 3.0, 20.0, 5.0])
+    assert summary == {"nees_trans_median": 4.0, "pct_nees_trans_within_95": 75.0}
 
 
 def test_aceg_eval_reuses_a_saved_map_and_reports_accuracy(mapped, tmp_path: Path, capsys) -> None:

@@ -201,3 +201,20 @@ def test_summary_keys_without_any_pose() -> None:
     assert (rep["n_query"], rep["n_failed"], rep["pct_5cm_5deg"]) == (2, 2, 0.0)
     assert rep["median_trans_cm"] is None and rep["latency_p50_ms"] is None and rep["throughput_fps"] == 1.0
     json.dumps(rep, allow_nan=False)
+
+
+def test_summary_says_whether_the_covariances_cover_the_errors() -> None:
+    """Per frame the NEES of the position error under the reported covariance; in the summary
+    its median and the share within the 95 % bound (7.81 for 3 degrees of freedom)."""
+    gt = np.eye(4)
+    cov = np.diag([0.01**2] * 3 + [1e-4] * 3)  # 1 cm per axis
+    frames = []
+    for i, err_cm in enumerate((0.5, 1.0, 2.0, 10.0)):  # NEES 0.25, 1, 4, 100
+        est = np.eye(4)
+        est[0, 3] = err_cm / 100.0
+        frames.append(FrameResult(1_000_000_000 * (i + 1), gt, est, covariance_66=cov))
+    frames.append(FrameResult(9_000_000_000, gt))  # no pose: no NEES
+    rep = summarize(frames, wall_s=1.0)
+    assert [f["nees_trans"] for f in rep["frames"]] == pytest.approx([0.25, 1.0, 4.0, 100.0, None])
+    assert rep["nees_trans_median"] == pytest.approx(2.5) and rep["pct_nees_trans_within_95"] == 75.0
+    json.dumps(rep, allow_nan=False)

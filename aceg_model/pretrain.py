@@ -58,6 +58,12 @@ class PretrainConfig:
     warp_prob: float = 0.0
     zoom_max: float = 1.5
     roll_max_deg: float = 20.0
+    # A pair is, with this probability, drawn among the scene's pairs whose views see the same
+    # surfaces from wide_min_deg..wide_max_deg apart (pretrain_data.pair_angles): out-of-plane
+    # viewpoint changes, which random pairs of a camera path seldom give. 0: off.
+    wide_pair_prob: float = 0.0
+    wide_min_deg: float = 20.0
+    wide_max_deg: float = 60.0
     render_height: int = 240  # px; views are rendered at the model's working resolution
     mapping_frames: int = 32  # rendered per scene when it enters the pool
     query_frames: int = 12  # per query condition (lighting, viewpoint)
@@ -75,6 +81,10 @@ class PretrainConfig:
             raise ValueError("loss weights must be >= 0 and not all 0")
         if not 0 <= self.warp_prob <= 1 or self.zoom_max < 1 or not 0 <= self.roll_max_deg <= 90:
             raise ValueError("warp_prob must be in [0, 1], zoom_max >= 1 and roll_max_deg in [0, 90]")
+        if self.views_per_scene < 2:
+            raise ValueError("views_per_scene must be >= 2: the correspondence loss works on view pairs")
+        if not 0 <= self.wide_pair_prob <= 1 or not 0 <= self.wide_min_deg < self.wide_max_deg <= 180:
+            raise ValueError("wide_pair_prob must be in [0, 1] and 0 <= wide_min_deg < wide_max_deg <= 180")
 
     @property
     def regresses(self) -> bool:
@@ -267,8 +277,9 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
             views = []
             for i in slots:
                 scene = pool.scenes[i]
-                views += [scene.mapping_view(rng) if phase == "mapping" or k == 0 else scene.query_view(rng)
-                          for k in range(cfg.views_per_scene)]
+                pair = scene.view_pair(phase == "query", rng, cfg.wide_pair_prob, (cfg.wide_min_deg, cfg.wide_max_deg))
+                views += [*pair, *(scene.mapping_view(rng) if phase == "mapping" else scene.query_view(rng)
+                                   for _ in range(cfg.views_per_scene - 2))]
             views = [warped(v, cfg, rng) if k % 2 else v for k, v in enumerate(views)]
             # Query iterations see codes as constants: only the network learns to generalize.
             codes = [pool.codes[i] if phase == "mapping" else pool.codes[i].detach() for i in slots]
@@ -364,6 +375,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="zoom factors are drawn log-uniform in [1/zoom-max, zoom-max]")
     p.add_argument("--roll-max-deg", type=float, default=PretrainConfig.roll_max_deg,
                    help="rolls about the optical axis are drawn uniform in +-roll-max-deg")
+    p.add_argument("--wide-pair-prob", type=float, default=PretrainConfig.wide_pair_prob,
+                   help="probability that a view pair is drawn among those that see the same surfaces "
+                   "from --wide-min-deg..--wide-max-deg apart (0: off)")
+    p.add_argument("--wide-min-deg", type=float, default=PretrainConfig.wide_min_deg,
+                   help="least angle at the surface between the views of a wide pair")
+    p.add_argument("--wide-max-deg", type=float, default=PretrainConfig.wide_max_deg,
+                   help="largest angle at the surface between the views of a wide pair")
     args = p.parse_args(argv)
     if args.steps <= 0 or args.lr <= 0:
         p.error("--steps and --lr must be > 0")
@@ -374,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
                              mapping_frames=args.mapping_frames, query_frames=args.query_frames, seed=args.seed,
                              bank=args.bank, init=args.init, lr=args.lr, w_coords=args.w_coords,
                              w_reproj=args.w_reproj, w_nce=args.w_nce, warp_prob=args.warp_prob,
-                             zoom_max=args.zoom_max, roll_max_deg=args.roll_max_deg)
+                             zoom_max=args.zoom_max, roll_max_deg=args.roll_max_deg,
+                             wide_pair_prob=args.wide_pair_prob, wide_min_deg=args.wide_min_deg,
+                             wide_max_deg=args.wide_max_deg)
     except ValueError as e:
         p.error(str(e))
     path = pretrain(cfg, args.out, resume=not args.no_resume,

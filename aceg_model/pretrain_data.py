@@ -9,7 +9,7 @@ mild ones on mapping views (augmentation), strong ones on query views
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ import torch
 from aceg_model.encoder import patch_centres
 from aceg_model.frames import Frame, Intrinsics
 from aceg_model.geometry import invert
-from aceg_model.scene import PRESETS, QuerySpec, SceneConfig, correspondences, generate_scene
+from aceg_model.scene import PRESETS, QuerySpec, SceneConfig, correspondences, generate_scene, scene_coords
 
 View = Frame  # a rendered view: image, intrinsics, pose, depth, meta['scene_coords']
 
@@ -44,6 +44,8 @@ class SceneViews:
     mapping: list[View]
     queries: list[View]
     centre_3: np.ndarray
+    # V x V angles between the views (pair_angles), mapping views first; computed on first use.
+    _angles: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def generate(cls, seed: int, height: int, mapping_frames: int = 40, query_frames: int = 15) -> "SceneViews":
@@ -54,12 +56,70 @@ class SceneViews:
         return cls(seed, g.mapping, queries, centre)
 
     def mapping_view(self, rng: np.random.Generator) -> View:
-        view = self.mapping[rng.integers(len(self.mapping))]
-        return view.with_image(PRESETS["random_mild"].apply(view.image, rng))
+        return self._mapping_view(int(rng.integers(len(self.mapping))), rng)
 
     def query_view(self, rng: np.random.Generator) -> View:
-        view = self.queries[rng.integers(len(self.queries))]
+        return self._query_view(int(rng.integers(len(self.queries))), rng)
+
+    def _mapping_view(self, i: int, rng: np.random.Generator) -> View:
+        view = self.mapping[i]
+        return view.with_image(PRESETS["random_mild"].apply(view.image, rng))
+
+    def _query_view(self, i: int, rng: np.random.Generator) -> View:
+        view = self.queries[i]
         return view.with_image(PRESETS["random_strong"].apply(view.image, rng))
+
+    def angles(self) -> np.ndarray:
+        """V x V surface angles between all views (mapping views first), see ``pair_angles``."""
+        if self._angles is None:
+            self._angles = pair_angles(self.mapping + self.queries, np.random.default_rng(self.seed))
+        return self._angles
+
+    def view_pair(self, query: bool, rng: np.random.Generator, wide_prob: float = 0.0,
+                  wide_deg: tuple[float, float] = (20.0, 60.0)) -> tuple[View, View]:
+        """A mapping view and a second view of the same scene: a mapping view, or with ``query``
+        a query view under a strong photometric change.
+
+        With probability ``wide_prob`` the pair is drawn among those whose views see the same
+        surfaces from ``wide_deg`` degrees apart (``pair_angles``), where the scene has any: the
+        out-of-plane viewpoint changes that random pairs seldom give. Otherwise, and always with
+        ``wide_prob`` 0, the draws are those of ``mapping_view`` and ``query_view``.
+        """
+        if wide_prob > 0 and rng.random() < wide_prob:
+            n_map = len(self.mapping)
+            block = self.angles()[:n_map, n_map:] if query else self.angles()[:n_map, :n_map]
+            with np.errstate(invalid="ignore"):  # NaN: the views do not overlap
+                pairs = np.argwhere((block >= wide_deg[0]) & (block <= wide_deg[1]))
+            if len(pairs):
+                i, j = (int(k) for k in pairs[rng.integers(len(pairs))])
+                return self._mapping_view(i, rng), self._query_view(j, rng) if query else self._mapping_view(j, rng)
+        return self.mapping_view(rng), self.query_view(rng) if query else self.mapping_view(rng)
+
+
+def pair_angles(views: list[View], rng: np.random.Generator, n: int = 64, min_overlap: float = 0.25) -> np.ndarray:
+    """V x V median angle (degrees) at the surface between the two cameras' rays to the points
+    of view a that view b also sees; NaN where fewer than ``min_overlap`` of ``n`` pixels drawn
+    in a are visible in b (and on the diagonal).
+
+    The angle is how differently the two views look at the same surfaces: a sideways step or
+    a turn around an object makes it large, a step along the viewing direction keeps it small.
+    """
+    V = len(views)
+    out = np.full((V, V), np.nan)
+    centres = [v.T_world_cam[:3, 3] for v in views]
+    for a, va in enumerate(views):
+        coords = scene_coords(va)
+        for b, vb in enumerate(views):
+            if a == b:
+                continue
+            uv_a, _ = correspondences(va, vb, n, rng, candidates=1)
+            if len(uv_a) < min_overlap * n:
+                continue
+            X = coords[uv_a[:, 1].astype(int), uv_a[:, 0].astype(int)].astype(np.float64)
+            ra, rb = X - centres[a], X - centres[b]
+            cos = (ra * rb).sum(1) / (np.linalg.norm(ra, axis=1) * np.linalg.norm(rb, axis=1))
+            out[a, b] = np.degrees(np.median(np.arccos(np.clip(cos, -1, 1))))
+    return out
 
 
 def zoomed_and_rolled(view: View, scale: float, roll_deg: float) -> View:

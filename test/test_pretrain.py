@@ -9,7 +9,9 @@ import torch
 
 from aceg_model.model import AcegModel, ModelConfig
 from aceg_model.pretrain import PretrainConfig, pretrain
-from aceg_model.pretrain_data import SceneViews, load_views, render_bank, save_views, zoomed_and_rolled
+from aceg_model.frames import Frame, Intrinsics
+from aceg_model.pretrain_data import (SceneViews, load_views, pair_angles, render_bank, save_views,
+                                     zoomed_and_rolled)
 from aceg_model.pretrain_regressor import cache_scene, train
 from aceg_model.regressor import RegressorConfig
 from aceg_model.scene.correspondences import correspondences, project
@@ -84,10 +86,10 @@ def test_continued_pretraining_starts_from_a_model_file_and_can_train_the_encode
     start.save(tmp_path / "start.safetensors")
     # The configuration comes from the file, not from cfg.model; with the 3D and reprojection
     # weights at 0 only the correspondence loss trains, and it reaches the encoder alone. Every
-    # pair's second view is zoomed and rolled here.
+    # pair's second view is zoomed and rolled here, and every pair drawn wide where the scene has one.
     cfg = PretrainConfig(steps=2, scenes_in_pool=2, scenes_per_step=2, patches_per_view=32, nce_points=128,
                          render_height=64, log_every=1, bank=str(bank), init=str(tmp_path / "start.safetensors"),
-                         w_coords=0.0, w_reproj=0.0, lr=1e-3, warp_prob=1.0)
+                         w_coords=0.0, w_reproj=0.0, lr=1e-3, warp_prob=1.0, wide_pair_prob=1.0)
     out = AcegModel.load(pretrain(cfg, tmp_path / "run", resume=False))
     assert out.config == TINY
     before, after = start.state_dict(), out.state_dict()
@@ -135,6 +137,12 @@ def test_pretrain_refuses_bad_loss_weights() -> None:
         PretrainConfig(warp_prob=1.5)
     with pytest.raises(ValueError, match="zoom_max"):
         PretrainConfig(zoom_max=0.5)
+    with pytest.raises(ValueError, match="wide_pair_prob"):
+        PretrainConfig(wide_pair_prob=-0.1)
+    with pytest.raises(ValueError, match="wide_min_deg < wide_max_deg"):
+        PretrainConfig(wide_min_deg=40.0, wide_max_deg=30.0)
+    with pytest.raises(ValueError, match="view pairs"):
+        PretrainConfig(views_per_scene=1)
 
 
 def test_pretrain_cli_refuses_a_missing_init_file_and_bad_weights(tmp_path: Path, capsys) -> None:
@@ -147,3 +155,62 @@ def test_pretrain_cli_refuses_a_missing_init_file_and_bad_weights(tmp_path: Path
         main(["--out", str(tmp_path), "--w-coords", "0", "--w-reproj", "0", "--w-nce", "0"])
     assert e.value.code == 2 and "loss weights" in capsys.readouterr().err
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def plane_view(centre: tuple[float, float, float], look_at: tuple[float, float, float], name: str) -> Frame:
+    """A 64x48 view of the textured plane z = 2 m from ``centre``, looking at ``look_at``, with
+    exact depth and scene coordinates (NaN and depth 0 where a pixel's ray misses the plane)."""
+    K = Intrinsics(50.0, 50.0, 31.5, 23.5, 64, 48)
+    c = np.asarray(centre, float)
+    z = np.asarray(look_at, float) - c
+    z /= np.linalg.norm(z)
+    y = np.array([0.0, 1.0, 0.0]) - z[1] * z
+    y /= np.linalg.norm(y)
+    R = np.stack([np.cross(y, z), y, z], 1)  # columns: camera x (right), y (down), z (forward)
+    T = np.eye(4)
+    T[:3, :3], T[:3, 3] = R, c
+    v, u = np.mgrid[0:48, 0:64]
+    rays = np.stack([(u - K.cx) / K.fx, (v - K.cy) / K.fy, np.ones_like(u, float)], -1) @ R.T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (2.0 - c[2]) / rays[..., 2]  # depth along the optical axis: the rays' camera z is 1
+    hit = np.isfinite(t) & (t > 0)
+    coords = np.where(hit[..., None], c + t[..., None] * rays, np.nan).astype(np.float32)
+    image = np.random.default_rng(len(name)).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    return Frame(image, K, T, 0.0, np.where(hit, t, 0.0).astype(np.float32), name, {"scene_coords": coords})
+
+
+def test_pair_angles_measure_how_far_apart_two_views_see_the_same_surface() -> None:
+    # Cameras b metres to the side of the first, all looking at (0, 0, 2): at that point their
+    # rays meet at atan(b / 2), and within a few degrees of it over the surface both see; the
+    # last camera looks away from the plane.
+    views = [plane_view((b, 0.0, 0.0), (0.0, 0.0, 2.0), f"side-{b}") for b in (0.0, 0.3, 0.8, 1.5)]
+    views.append(plane_view((0.0, 0.0, 0.0), (0.0, 0.0, -2.0), "away"))
+    angles = pair_angles(views, np.random.default_rng(0))
+    expected = np.degrees(np.arctan(np.array([0.3, 0.8, 1.5]) / 2))
+    assert angles[0, 1:4] == pytest.approx(expected, abs=3.0)
+    assert angles[1:4, 0] == pytest.approx(expected, abs=3.0)
+    assert angles[1, 3] == pytest.approx(expected[2] - expected[0], abs=3.0)
+    assert np.isnan(np.diag(angles)).all()
+    assert np.isnan(angles[4]).all() and np.isnan(angles[:, 4]).all()  # no surface in common
+
+
+def test_wide_pairs_are_drawn_among_views_that_see_the_same_surfaces_from_apart() -> None:
+    side = {b: plane_view((b, 0.0, 0.0), (0.0, 0.0, 2.0), f"side-{b}") for b in (0.0, 0.1, 1.2, -0.3)}
+    scene = SceneViews(0, [side[0.0], side[0.1], side[1.2]], [side[-0.3]], np.zeros(3))
+    rng = np.random.default_rng(0)
+
+    def draws(query: bool, wide_prob: float, wide_deg=(20.0, 60.0)) -> set[tuple[float, float]]:
+        out = set()
+        for _ in range(40):
+            pair = scene.view_pair(query, rng, wide_prob, wide_deg)  # relit views: known by their poses
+            out.add(tuple(next(b for b, v in side.items() if np.allclose(v.T_world_cam, w.T_world_cam)) for w in pair))
+        return out
+
+    # Between mapping views (about 3, 31 and 28 degrees apart) only the third with either other
+    # is 20-60 degrees apart.
+    assert draws(False, 1.0) == {(0.0, 1.2), (1.2, 0.0), (0.1, 1.2), (1.2, 0.1)}
+    # The query view is about 8, 11 and 40 degrees from them: only the third.
+    assert draws(True, 1.0) == {(1.2, -0.3)}
+    # Without wide pairs, and where the scene has none in the range, the pairs are drawn at random.
+    assert len(draws(False, 0.0)) > 4
+    assert len(draws(True, 1.0, (70.0, 80.0))) == 3

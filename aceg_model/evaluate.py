@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         step = int(np.ceil(len(queries) / args.max_query))
         queries = [queries[i] for i in range(0, len(queries), step)]
 
+    pnp = PnPConfig(top_k=args.top_k or None, refine_pixels=not args.no_refine_pixels,
+                    photometric_refinement=not args.no_photometric, seed_ray_depth_sigma=args.seed_ray_sigma,
+                    resolve_min_support=args.resolve_min_support, map_floor=not args.no_map_floor)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     pose_check, lens_estimate, consistency = None, None, None
@@ -168,17 +171,13 @@ def main(argv: list[str] | None = None) -> int:
                                 photo_depth=not args.no_photo_depth, estimate_lens=not args.no_lens_estimate,
                                 estimate_mount=not args.no_mount_estimate,
                                 visit_window_s=args.visit_window, check_poses=not args.no_pose_check)
-        scene_map, report = map_scene(model, mapping, config, progress)
+        scene_map, report = map_scene(model, mapping, config, progress, pnp)
         bar.close()
         pose_check, lens_estimate, consistency = report.pose_check, report.lens, report.consistency
         mapping_seconds = time.perf_counter() - t0
         if args.save_map:
             scene_map.save(args.save_map)
-    localizer = Localizer(model, scene_map, PnPConfig(top_k=args.top_k or None, refine_pixels=not args.no_refine_pixels,
-                                                      photometric_refinement=not args.no_photometric,
-                                                      seed_ray_depth_sigma=args.seed_ray_sigma,
-                                                      resolve_min_support=args.resolve_min_support,
-                                                      map_floor=not args.no_map_floor))
+    localizer = Localizer(model, scene_map, pnp)
     result = {"method": args.method, "data": str(args.data), "model": str(args.model), "device": str(device),
               "n_mapping": len(mapping), "mapping_seconds": mapping_seconds,
               "refine_pixels": localizer.refines_pixels, "photometric": localizer.refines_photometrically,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -121,14 +121,18 @@ def floor_covariance(errors_N6: np.ndarray, gate: float, min_gate_m: float = 0.0
 
 
 def map_consistency(model: AcegModel, scene_map: "SceneMap", frames: Sequence[Frame],
-                    config: ConsistencyConfig | None = None) -> ConsistencyReport:
+                    config: ConsistencyConfig | None = None, pnp: PnPConfig | None = None) -> ConsistencyReport:
     """Localize probes of ``frames`` (the mapping images as given, in ``scene_map``'s order: the
-    localizer removes the lens itself) against the landmarks of the other visits; the floor."""
+    localizer removes the lens itself) against the landmarks of the other visits; the floor.
+
+    ``pnp``: the localizer settings the map will be used with (default: ``PnPConfig()``), so
+    that the floor measures the poses they give; the floor itself is left out of the probes.
+    """
     from aceg_model.localizer import Localizer  # the localizer imports mapping, which imports this module
 
     cfg = config or ConsistencyConfig()
     t0 = time.perf_counter()
-    localizer = Localizer(model, scene_map, PnPConfig(map_floor=False))
+    localizer = Localizer(model, scene_map, replace(pnp or PnPConfig(), map_floor=False))
     views = scene_map.views
     nothing = ConsistencyReport(0, 0, None, float("nan"), float("nan"), 0.0)
     if views is None or len(frames) != len(views.stamps_I):  # no visits, or not this map's images: no floor

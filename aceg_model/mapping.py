@@ -34,6 +34,7 @@ from aceg_model.model import AcegModel, prepare_image
 from aceg_model.photo_depth import (GreyViews, LandmarkWindows, PhotoDepthConfig, grey_image, landmark_windows,
                                     refine_depths)
 from aceg_model.pixel_refinement import encode_fine, refine_pixels
+from aceg_model.pnp import PnPConfig
 from aceg_model.pose_check import PoseCheck, PoseCheckConfig, check_poses
 from aceg_model.visits import MappingViews, VisitConfig, same_visit, visit_masks
 
@@ -490,8 +491,12 @@ def refined_pixels(cache: FeatureCache, fine: FineKeys, best_N: torch.Tensor, wi
 
 
 def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig | None = None,
-              progress: Progress | None = None) -> tuple[SceneMap, MappingReport]:
-    """Fit a scene head to ``frames`` (posed RGB + intrinsics). ``progress(stage, done, total, stats)``."""
+              progress: Progress | None = None, pnp: PnPConfig | None = None) -> tuple[SceneMap, MappingReport]:
+    """Fit a scene head to ``frames`` (posed RGB + intrinsics). ``progress(stage, done, total, stats)``.
+
+    ``pnp``: the localizer settings the map will be used with; the map's floor is measured with
+    them (``map_consistency``; default ``PnPConfig()``).
+    """
     cfg = config or MappingConfig()
     if len(frames) < MIN_MAPPING_FRAMES:
         raise ValueError(f"mapping needs at least {MIN_MAPPING_FRAMES} posed frames, got {len(frames)}")
@@ -607,7 +612,7 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
     if cfg.consistency.enabled and views is not None:
         if progress:
             progress("consistency", 0, 1, {})
-        report.consistency = map_consistency(model, scene_map, given, cfg.consistency)
+        report.consistency = map_consistency(model, scene_map, given, cfg.consistency, pnp)
         scene_map.floor_66 = report.consistency.covariance_66
         meta["report"]["consistency"] = report.consistency.to_json()
         if progress:

@@ -904,7 +904,7 @@ class AcegLocalizer(LifecycleNode):
                                  photo_depth=v["mapping.photo_depth"], estimate_lens=v["mapping.estimate_lens"],
                                  estimate_mount=v["mapping.estimate_mount"], check_poses=v["mapping.check_poses"],
                                  visit_window_s=v["mapping.visit_window_s"])
-            scene_map, rep = map_scene(self._model, frames, cfg, progress)
+            scene_map, rep = map_scene(self._model, frames, cfg, progress, P.pnp_config(v))
             out = Path(job.output).expanduser()
             progress("writing", 0, 1, {})
             scene_map.save(out)  # atomic: a temporary file renamed over the target

@@ -194,6 +194,10 @@ def test_map_floor_measures_how_the_visits_disagree_and_widens_the_covariance(ma
     shifted = [f if i < half else replace(f, T_world_cam=shift @ f.T_world_cam) for i, f in enumerate(scene.mapping)]
     drifted = map_consistency(model, visits, shifted, ConsistencyConfig(probes=20))
     assert drifted.sigma_cm > 2.5 and drifted.sigma_cm > 3 * exact.sigma_cm, (drifted.sigma_cm, exact.sigma_cm)
+    # The probes localize with the settings the map will be used with: ones that refuse every pose leave no floor.
+    strict = map_consistency(model, visits, scene.mapping, ConsistencyConfig(probes=5, min_probes=5),
+                             PnPConfig(min_inliers=10**6))
+    assert strict.n_probes == 5 and strict.n_localized == 0 and strict.covariance_66 is None
 
     floored = replace(visits, floor_66=drifted.covariance_66)
     path = tmp_path / "floored.map.safetensors"

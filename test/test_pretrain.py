@@ -154,6 +154,9 @@ def test_pretrain_cli_refuses_a_missing_init_file_and_bad_weights(tmp_path: Path
     with pytest.raises(SystemExit) as e:
         main(["--out", str(tmp_path), "--w-coords", "0", "--w-reproj", "0", "--w-nce", "0"])
     assert e.value.code == 2 and "loss weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path), "--wide-pair-prob", "0.5", "--wide-min-deg", "50", "--wide-max-deg", "40"])
+    assert e.value.code == 2 and "wide_min_deg < wide_max_deg" in capsys.readouterr().err
     assert not (tmp_path / "model.safetensors").exists()
 
 

@@ -92,8 +92,8 @@ class SceneViews:
                 pairs = np.argwhere((block >= wide_deg[0]) & (block <= wide_deg[1]))
             if len(pairs):
                 i, j = (int(k) for k in pairs[rng.integers(len(pairs))])
-                return self._mapping_view(i, rng), self._query_view(j, rng) if query else self._mapping_view(j, rng)
-        return self.mapping_view(rng), self.query_view(rng) if query else self.mapping_view(rng)
+                return self._mapping_view(i, rng), (self._query_view(j, rng) if query else self._mapping_view(j, rng))
+        return self.mapping_view(rng), (self.query_view(rng) if query else self.mapping_view(rng))
 
 
 def pair_angles(views: list[View], rng: np.random.Generator, n: int = 64, min_overlap: float = 0.25) -> np.ndarray:

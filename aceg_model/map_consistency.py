@@ -23,6 +23,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from aceg_model.frames import Frame
+from aceg_model.metrics import position_sigma_cm
 from aceg_model.model import AcegModel
 from aceg_model.pnp import PnPConfig
 
@@ -81,9 +82,7 @@ class ConsistencyReport:
     @property
     def sigma_cm(self) -> float:
         """Position standard deviation of the floor along its least certain direction (NaN: none)."""
-        if self.covariance_66 is None:
-            return float("nan")
-        return 100.0 * float(np.sqrt(np.linalg.eigvalsh(self.covariance_66[:3, :3])[-1]))
+        return float("nan") if self.covariance_66 is None else position_sigma_cm(self.covariance_66)
 
 
 def _number(x: float) -> float | None:
@@ -132,11 +131,10 @@ def map_consistency(model: AcegModel, scene_map: "SceneMap", frames: Sequence[Fr
 
     cfg = config or ConsistencyConfig()
     t0 = time.perf_counter()
-    localizer = Localizer(model, scene_map, replace(pnp or PnPConfig(), map_floor=False))
     views = scene_map.views
-    nothing = ConsistencyReport(0, 0, None, float("nan"), float("nan"), 0.0)
     if views is None or len(frames) != len(views.stamps_I):  # no visits, or not this map's images: no floor
-        return nothing
+        return ConsistencyReport(0, 0, None, float("nan"), float("nan"), 0.0)
+    localizer = Localizer(model, scene_map, replace(pnp or PnPConfig(), map_floor=False))
     seed_stamps_M = views.stamps_I[views.seed_view_M]
     errors, tried = [], 0
     for i in np.unique(np.linspace(0, len(frames) - 1, min(cfg.probes, len(frames))).round().astype(int)):

@@ -30,13 +30,19 @@ def accuracy_summary(trans_err_m: list[float | None], rot_err_deg: list[float | 
 CHI2_3DOF_95 = 7.815  # 95 % quantile of the chi-square distribution with 3 degrees of freedom
 
 
+def position_sigma_cm(covariance_66: np.ndarray) -> float:
+    """Position standard deviation (cm) along a 6x6 pose covariance's least certain direction."""
+    C_33 = np.asarray(covariance_66, dtype=np.float64)[:3, :3]
+    return 100.0 * float(np.sqrt(np.linalg.eigvalsh(C_33)[-1]))
+
+
 def position_consistency(T_est: np.ndarray, covariance_66: np.ndarray, T_gt: np.ndarray) -> tuple[float, float]:
-    """How a pose's covariance covers its position error: the standard deviation along the
-    covariance's least certain direction (cm), and the normalized squared error ``e^T C^-1 e``
-    (NEES; chi-square with 3 degrees of freedom where the covariance is right)."""
+    """How a pose's covariance covers its position error: ``position_sigma_cm``, and the
+    normalized squared error ``e^T C^-1 e`` (NEES; chi-square with 3 degrees of freedom where
+    the covariance is right)."""
     C_33 = np.asarray(covariance_66, dtype=np.float64)[:3, :3]
     e_3 = T_est[:3, 3] - T_gt[:3, 3]
-    return 100.0 * float(np.sqrt(np.linalg.eigvalsh(C_33)[-1])), float(e_3 @ np.linalg.solve(C_33, e_3))
+    return position_sigma_cm(covariance_66), float(e_3 @ np.linalg.solve(C_33, e_3))
 
 
 def covariance_summary(nees: list[float | None]) -> dict:

@@ -81,6 +81,8 @@ class PretrainConfig:
             raise ValueError("loss weights must be >= 0 and not all 0")
         if not 0 <= self.warp_prob <= 1 or self.zoom_max < 1 or not 0 <= self.roll_max_deg <= 90:
             raise ValueError("warp_prob must be in [0, 1], zoom_max >= 1 and roll_max_deg in [0, 90]")
+        if not 1 <= self.scenes_per_step <= self.scenes_in_pool:
+            raise ValueError("scenes_per_step must be in [1, scenes_in_pool]")
         if self.views_per_scene < 2:
             raise ValueError("views_per_scene must be >= 2: the correspondence loss works on view pairs")
         if not 0 <= self.wide_pair_prob <= 1 or not 0 <= self.wide_min_deg < self.wide_max_deg <= 180:
@@ -99,7 +101,8 @@ class ScenePool:
     def __init__(self, cfg: PretrainConfig, regressor, rank: int, world: int, device) -> None:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.regressor = regressor
-        self.next_index = 0
+        self.next_index = 0  # scenes rendered inline so far
+        self.taken: set[Path] = set()  # bank files this rank has used
         self.scenes: list[SceneViews] = []
         self.codes: list[torch.nn.Parameter] = []
         self.uses: list[int] = []
@@ -114,13 +117,17 @@ class ScenePool:
             self.next_index += 1
             return SceneViews.generate(seed, self.cfg.render_height, self.cfg.mapping_frames, self.cfg.query_frames)
         while True:
-            files = sorted(Path(self.cfg.bank).glob("scene-*.npz"))[self.rank::self.world]
-            if self.next_index < len(files):
-                self.next_index += 1
-                return load_views(files[self.next_index - 1])
+            # A rank's share is by seed, not by position: renderers working on several seed
+            # ranges at once add files anywhere in the sorted list. "[0-9].npz" leaves out
+            # the ".tmp.npz" of a scene still being written.
+            files = [f for f in sorted(Path(self.cfg.bank).glob("scene-*[0-9].npz"))
+                     if f not in self.taken and int(f.stem.split("-")[1]) % self.world == self.rank]
+            if files:
+                self.taken.add(files[0])
+                return load_views(files[0])
             if not wait:
                 return None
-            time.sleep(5.0)  # the bank is still being rendered
+            time.sleep(2.0)  # the bank is still being rendered
 
     def _add(self, slot: int | None = None) -> bool:
         scene = self._next_scene(wait=slot is None)
@@ -227,17 +234,59 @@ def bilinear(feats_Dhw: torch.Tensor, uv_N2: np.ndarray, K) -> torch.Tensor:
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
-    """Rank, world size and device; initializes the process group under torchrun."""
+    """Rank, world size and device; initializes the process group under torchrun.
+
+    With a GPU per rank the group is NCCL's. With more ranks than GPUs (the data preparation
+    is Python on the CPU, so several ranks per GPU keep one busy) the ranks share the GPUs
+    round-robin and the group is gloo's: NCCL refuses two ranks on one GPU.
+    """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        use_cuda = torch.cuda.is_available()
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if use_cuda:
-            local = int(os.environ.get("LOCAL_RANK", 0))
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        dist.init_process_group("nccl" if gpus and world <= gpus else "gloo")
+        if gpus:
+            local = int(os.environ.get("LOCAL_RANK", 0)) % gpus
             torch.cuda.set_device(local)
             return rank, world, torch.device("cuda", local)
         return rank, world, torch.device("cpu")
     return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Average the shared network's gradients across ranks in one all-reduce.
+
+    By hand rather than DDP: codes differ per rank, and a rank whose step had no loss still
+    takes part (with zero gradients) so that no rank waits forever. Under gloo the buffer goes
+    through host memory.
+    """
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    host = dist.get_backend() == "gloo" and flat.is_cuda
+    buf = flat.cpu() if host else flat
+    dist.all_reduce(buf)
+    flat = (buf.to(flat.device) if host else buf) / world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def synced_elapsed(t0: float, world: int) -> float:
+    """Seconds since ``t0``, the largest over ranks: every rank takes the same learning rate and
+    stops at the same step (a rank that stopped alone would leave the others in an all-reduce)."""
+    elapsed = time.perf_counter() - t0
+    if world == 1:
+        return elapsed
+    t = torch.tensor([elapsed], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def cosine_lr(peak: float, step: int, steps: int, elapsed_s: float, budget_s: float | None) -> float:
+    """Cosine decay from ``peak`` over the steps or the time budget, whichever ends first, so that
+    a run sized by time (a GPU's throughput is not known ahead) still decays to zero."""
+    progress = max(step / steps, elapsed_s / budget_s if budget_s else 0.0)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budget_s: float | None = None) -> Path:
@@ -262,12 +311,15 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
     rng = np.random.default_rng(cfg.seed * 7919 + rank)
     loss_cfg = ReprojectionLossConfig()
     log_path = out_dir / "pretrain_log.jsonl"
+    # The parameters every rank trains: an encoder-only run leaves the regressor without gradients.
+    shared = list(model.parameters() if cfg.regresses else model.encoder.parameters())
     t0 = time.perf_counter()
     step = start_step
     for step in range(start_step, cfg.steps):
-        if time_budget_s and time.perf_counter() - t0 > time_budget_s:
+        elapsed = synced_elapsed(t0, world)
+        if time_budget_s and elapsed > time_budget_s:
             break
-        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        lr = cosine_lr(cfg.lr, step, cfg.steps, elapsed, time_budget_s)
         for g in opt.param_groups:
             g["lr"] = lr
         slots = list(rng.choice(len(pool.scenes), size=cfg.scenes_per_step, replace=False))
@@ -283,37 +335,38 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
             views = [warped(v, cfg, rng) if k % 2 else v for k, v in enumerate(views)]
             # Query iterations see codes as constants: only the network learns to generalize.
             codes = [pool.codes[i] if phase == "mapping" else pool.codes[i].detach() for i in slots]
-            l_coords = l_reproj = None
+            l_coords = l_reproj = l_nce = None
+            terms: list[torch.Tensor] = []
+            stats: dict = {}
             if cfg.regresses:
                 out = step_losses(model, views, codes, centres, cfg, rng, pool.uses[slots[0]] / cfg.scene_uses,
                                   loss_cfg)
-                if out is None:
-                    continue
-                l_coords, l_reproj, stats, feats, prepared = out
-                terms = [cfg.w_coords * l_coords, cfg.w_reproj * l_reproj]
+                if out is not None:
+                    l_coords, l_reproj, stats, feats, prepared = out
+                    terms = [cfg.w_coords * l_coords, cfg.w_reproj * l_reproj]
+                    if cfg.w_nce > 0:
+                        l_nce = correspondence_loss(feats, prepared, views, cfg, rng)
             else:
-                (feats, prepared), stats, terms = encode_views(model, views, cfg), {}, []
-            l_nce = correspondence_loss(feats, prepared, views, cfg, rng) if cfg.w_nce > 0 else None
+                feats, prepared = encode_views(model, views, cfg)
+                l_nce = correspondence_loss(feats, prepared, views, cfg, rng)
             if l_nce is not None:
                 terms.append(cfg.w_nce * l_nce)
-            if not terms:  # the encoder alone, and no view pair with enough correspondences
+            if not terms and world == 1:  # too few valid patches or correspondences in this draw
                 continue
-            loss = sum(terms)
             opt.zero_grad(set_to_none=True)
             for i in slots:
                 code_opts[i].zero_grad(set_to_none=True)
+            loss = sum(terms) if terms else None
+            if loss is not None:
+                loss.backward()
             if world > 1:
-                # Gradients of the shared network are averaged across ranks by hand:
-                # codes differ per rank, so DDP's hooks on a partial graph are avoided.
-                loss.backward()
-                for p in model.parameters():
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad /= world
-            else:
-                loss.backward()
+                # Every rank steps on the average, a rank without a loss this time too, so that
+                # the shared weights stay the same on all of them.
+                average_gradients(shared, world)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            if loss is None:
+                continue
             if phase == "mapping":
                 for i in slots:
                     code_opts[i].step()
@@ -356,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=PretrainConfig.steps, help="mapping+query iteration pairs")
     p.add_argument("--minutes", type=float, default=None, help="stop after this wall time (minutes), then save")
     p.add_argument("--scenes-in-pool", type=int, default=PretrainConfig.scenes_in_pool, help="scenes per rank")
+    p.add_argument("--scenes-per-step", type=int, default=PretrainConfig.scenes_per_step,
+                   help="scenes per rank in each iteration (two views each)")
     p.add_argument("--scene-uses", type=int, default=PretrainConfig.scene_uses, help="steps before a scene retires")
     p.add_argument("--mapping-frames", type=int, default=PretrainConfig.mapping_frames, help="rendered per scene")
     p.add_argument("--query-frames", type=int, default=PretrainConfig.query_frames, help="per query condition")
@@ -388,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.init and not Path(args.init).is_file():
         p.error(f"--init {args.init}: no such file")
     try:
-        cfg = PretrainConfig(steps=args.steps, scenes_in_pool=args.scenes_in_pool, scene_uses=args.scene_uses,
+        cfg = PretrainConfig(steps=args.steps, scenes_in_pool=args.scenes_in_pool,
+                             scenes_per_step=args.scenes_per_step, scene_uses=args.scene_uses,
                              mapping_frames=args.mapping_frames, query_frames=args.query_frames, seed=args.seed,
                              bank=args.bank, init=args.init, lr=args.lr, w_coords=args.w_coords,
                              w_reproj=args.w_reproj, w_nce=args.w_nce, warp_prob=args.warp_prob,

@@ -195,13 +195,15 @@ def save_views(scene: SceneViews, path) -> None:
 
 
 def load_views(path) -> SceneViews:
+    # Each ``z[key]`` reads (and checksums) the whole array again: read every array once.
     with np.load(path, allow_pickle=False) as z:
-        fx, fy, cx, cy, w, h = z["K"]
-        K = Intrinsics(float(fx), float(fy), float(cx), float(cy), int(w), int(h))
-        views = [Frame(z["images"][i], K, z["poses"][i], float(i), z["depth"][i].astype(np.float32), f"view-{i}",
-                       {"scene_coords": z["coords"][i].astype(np.float32)}) for i in range(len(z["images"]))]
-        n = int(z["n_mapping"])
-        return SceneViews(int(z["seed"]), views[:n], views[n:], z["centre"])
+        a = {k: z[k] for k in ("images", "poses", "depth", "coords", "K", "n_mapping", "seed", "centre")}
+    fx, fy, cx, cy, w, h = a["K"]
+    K = Intrinsics(float(fx), float(fy), float(cx), float(cy), int(w), int(h))
+    views = [Frame(a["images"][i], K, a["poses"][i], float(i), a["depth"][i].astype(np.float32), f"view-{i}",
+                   {"scene_coords": a["coords"][i].astype(np.float32)}) for i in range(len(a["images"]))]
+    n = int(a["n_mapping"])
+    return SceneViews(int(a["seed"]), views[:n], views[n:], a["centre"])
 
 
 def render_bank(out_dir, first_seed: int, count: int, height: int = 240, mapping_frames: int = 32,

@@ -1,6 +1,7 @@
 """Pre-training runs end to end on tiny generated scenes and writes loadable, resumable models."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from aceg_model.model import AcegModel, ModelConfig
-from aceg_model.pretrain import PretrainConfig, pretrain
+from aceg_model.pretrain import (PretrainConfig, ScenePool, average_gradients, cosine_lr, pretrain,
+                                  synced_elapsed)
 from aceg_model.frames import Frame, Intrinsics
 from aceg_model.pretrain_data import (SceneViews, load_views, pair_angles, render_bank, save_views,
                                      zoomed_and_rolled)
@@ -217,3 +219,70 @@ def test_wide_pairs_are_drawn_among_views_that_see_the_same_surfaces_from_apart(
     # Without wide pairs, and where the scene has none in the range, the pairs are drawn at random.
     assert len(draws(False, 0.0)) > 4
     assert len(draws(True, 1.0, (70.0, 80.0))) == 3
+
+
+def test_the_learning_rate_decays_over_the_steps_or_the_time_budget_whichever_ends_first() -> None:
+    assert cosine_lr(1e-3, 0, 100, 0.0, None) == pytest.approx(1e-3)
+    assert cosine_lr(1e-3, 50, 100, 1e6, None) == pytest.approx(5e-4)  # no budget: steps alone
+    assert cosine_lr(1e-3, 10, 100, 30.0, 60.0) == pytest.approx(5e-4)  # half the time gone
+    assert cosine_lr(1e-3, 10, 100, 90.0, 60.0) == pytest.approx(0.0, abs=1e-12)  # past the budget
+
+
+def test_ranks_take_bank_scenes_by_seed_and_never_one_still_being_written(bank: Path, tmp_path: Path) -> None:
+    for f in bank.glob("scene-*.npz"):
+        (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "scene-0000013.npz.tmp.npz").write_bytes(b"half a scene")
+    cfg = PretrainConfig(scenes_in_pool=1, scenes_per_step=1, render_height=64, bank=str(tmp_path), model=TINY)
+    regressor = AcegModel(TINY).regressor
+    seeds = [[s.seed for s in ScenePool(cfg, regressor, rank, 2, torch.device("cpu")).scenes] for rank in (0, 1)]
+    assert seeds == [[12], [11]]
+    pool = ScenePool(cfg, regressor, 0, 1, torch.device("cpu"))
+    assert pool._next_scene(wait=False).seed == 12 and pool._next_scene(wait=False) is None
+
+
+def _two_rank_worker(rank: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
+    if rank == 0:  # rank 1 had no loss this iteration: its gradients are None
+        a.grad, b.grad = torch.tensor([2.0, 4.0, 6.0]), torch.ones(2, 2)
+    average_gradients([a, b], 2)
+    elapsed = synced_elapsed(time.perf_counter() - (5.0 if rank == 1 else 1.0), 2)
+    results[rank] = (a.grad.tolist(), b.grad.tolist(), elapsed)
+    dist.destroy_process_group()
+
+
+def test_ranks_average_their_gradients_and_agree_on_the_time(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_two_rank_worker, args=(str(tmp_path / "init"), results), nprocs=2)
+        r0, r1 = results[0], results[1]
+    assert r0[:2] == r1[:2] == ([1.0, 2.0, 3.0], [[0.5, 0.5], [0.5, 0.5]])
+    assert r0[2] == r1[2] >= 5.0  # the slower rank's clock, on both
+
+
+def test_pretraining_under_torchrun_with_two_ranks_writes_a_model(bank: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    torch.manual_seed(5)
+    start = AcegModel(TINY)
+    start.save(tmp_path / "start.safetensors")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "aceg_model.pretrain", "--out", str(tmp_path / "run"), "--steps", "2",
+                          "--scenes-in-pool", "1", "--scenes-per-step", "1", "--bank", str(bank),
+                          "--init", str(tmp_path / "start.safetensors"), "--w-coords", "0", "--w-reproj", "0",
+                          "--lr", "1e-3"], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = AcegModel.load(tmp_path / "run" / "model.safetensors")
+    assert out.config == TINY
+    before, after = start.state_dict(), out.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith("encoder."))
+    from aceg_model.safe_files import read_meta
+
+    assert read_meta(tmp_path / "run" / "model.safetensors", kind="aceg-model")["world_size"] == 2

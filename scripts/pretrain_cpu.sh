@@ -2,7 +2,7 @@
 # The recipe behind models/aceg_small.safetensors (see models/README.md), for one CPU machine:
 # a scene bank rendered in the background while pre-training reads from it.
 #   ./scripts/pretrain_cpu.sh [MINUTES] [OUT]
-# On GPUs, render the bank first, then: torchrun --nproc_per_node N -m aceg_model.pretrain --bank ...
+# On a GPU machine: scripts/gpu_pretrain.sh (several ranks share the GPU, the bank rendered on its cores).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 MINUTES="${1:-55}"

@@ -34,7 +34,11 @@ for i in $(seq 0 $((RENDERERS - 1))); do
   PIDS+=($!)
 done
 NEED=$((RANKS * POOL))
-until [ "$(find "$BANK" -name 'scene-*[0-9].npz' | wc -l)" -ge "$NEED" ]; do sleep 2; done
+alive() { for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+until [ "$(find "$BANK" -name 'scene-*[0-9].npz' | wc -l)" -ge "$NEED" ]; do
+  alive || { echo "the renderers stopped before the bank had $NEED scenes: see $BANK/render-*.log" >&2; exit 1; }
+  sleep 2
+done
 echo "bank has $NEED scenes after ${SECONDS} s; training $RANKS ranks for $MINUTES min"
 OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$RANKS" -m aceg_model.pretrain \
   --out "$OUT" --steps 1000000 --minutes "$MINUTES" --scenes-in-pool "$POOL" --scenes-per-step 4 \

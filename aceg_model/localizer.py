@@ -131,7 +131,7 @@ class Localizer:
         pix_P2 = patch_centres(h, w, self.device)
         if refine and candidates_Pk is not None:
             fine = self.scene_map.fine
-            desc_QK, fine_hw, _ = encode_fine(self.model, image, intrinsics, fine.scale)
+            desc_QK, fine_hw, _ = encode_fine(self.model, image, intrinsics, fine.scale, self.pnp.refine_bf16)
             pix_P2, _ = refine_pixels(fine.keys_MK[candidates_Pk[:, 0]], desc_QK, fine_hw, fine.scale, pix_P2,
                                       self.pnp.refine_window_px)
             self._sync()

@@ -37,13 +37,15 @@ from aceg_model.landmarks import (bilinear_corners, bilinear_cosine, neighbour_d
 from aceg_model.model import AcegModel, prepare_image
 
 
-def encode_fine(model: AcegModel, image: np.ndarray, intrinsics: Intrinsics, scale: int
+def encode_fine(model: AcegModel, image: np.ndarray, intrinsics: Intrinsics, scale: int, bf16: bool = False
                 ) -> tuple[torch.Tensor, tuple[int, int], Intrinsics]:
     """An image's unit regressor queries ``P x K`` on its patch grid at ``scale`` x the working
     height, that grid's ``(h, w)`` and the intrinsics of that size: what fine keys are made of
-    (mapping's plane sweep) and compared with (the query's refinement)."""
+    (mapping's plane sweep) and compared with (the query's refinement). ``bf16``: the encoder
+    runs under bfloat16 autocast on a CPU (the queries stay float32; ignored on other devices)."""
     image_1HW, K = prepare_image(image, intrinsics, model.config.image_height * scale)
-    feats_1Dhw = model.encoder(image_1HW.unsqueeze(0).to(model.device))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and model.device.type == "cpu"):
+        feats_1Dhw = model.encoder(image_1HW.unsqueeze(0).to(model.device)).float()
     hw = tuple(feats_1Dhw.shape[2:])
     return model.regressor.queries(feats_1Dhw[0].flatten(1).T.unsqueeze(0))[1][0], hw, K
 

@@ -96,6 +96,10 @@ class PnPConfig:
     # 10cm/10deg: 69.4 / 86.9 % without, 78.1 / 90.9 % with, same maps (models/README.md).
     refine_pixels: bool = True
     refine_window_px: int = 6
+    # The refinement's fine encoding of the query (3x the working height) under bfloat16 on a
+    # CPU: 95 -> 55 ms on the 2-core developer CPU, which has native bf16 instructions
+    # (benchmarks/README.md, "bench_encoder.py"); a CPU without them emulates bf16 and may be slower.
+    refine_bf16: bool = False
     # Once a pose is accepted, place each inlier's landmark by its raw grey window where maps
     # carry them (``aceg_model.photometric_refinement``): the window, projected with the pose, is
     # slid within photometric_search_px pixels of the map's window resolution (2x the working

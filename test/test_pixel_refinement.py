@@ -59,3 +59,30 @@ def test_refinement_checks_its_arguments() -> None:
         refine_pixels(keys_at(desc, centres), desc, FINE_HW, SCALE, centres, window_px=0)
     with pytest.raises(ValueError, match="fine keys but"):
         refine_pixels(keys_at(desc, centres).repeat(2, 1), desc, FINE_HW, SCALE, centres, window_px=4)
+
+
+def test_fine_encoding_in_bfloat16_keeps_the_descriptors() -> None:
+    """pnp.refine_bf16: the shipped encoder under bfloat16 autocast on the CPU gives the fine
+    descriptors of float32 to within a small angle, as float32 unit vectors."""
+    import numpy as np
+    from pathlib import Path
+
+    from aceg_model.frames import Intrinsics
+    from aceg_model.model import AcegModel
+    from aceg_model.pixel_refinement import encode_fine
+
+    model = AcegModel.load(Path(__file__).resolve().parents[1] / "models" / "aceg_small.safetensors",
+                           torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    # A smooth random image: texture at several scales, like a photo's, not pixel noise.
+    image = sum(np.kron(rng.random((480 // s, 640 // s)), np.ones((s, s))) for s in (4, 16, 32)) / 3
+    image = np.repeat((255 * image).astype(np.uint8)[:, :, None], 3, axis=2)
+    K = Intrinsics(525.0, 525.0, 319.5, 239.5, 640, 480)
+    with torch.inference_mode():
+        full, hw, _ = encode_fine(model, image, K, 2)
+        half, hw_bf16, _ = encode_fine(model, image, K, 2, bf16=True)
+    assert hw == hw_bf16 and half.dtype == torch.float32
+    assert torch.allclose(half.norm(dim=1), torch.ones(len(half)), atol=1e-4)
+    cos = (full * half).sum(dim=1)
+    assert cos.min() > 0.99 and cos.mean() > 0.999
+    assert not torch.equal(full, half)  # it did run in bfloat16

@@ -55,6 +55,19 @@ def test_codes_only_mapping_then_localization_recovers_query_poses(mapped) -> No
     assert good.mean() >= 0.5, f"pose errors (m, deg): {e.round(3).tolist()}"
 
 
+def test_fine_encoding_in_bfloat16_keeps_the_poses(mapped) -> None:
+    model, scene_map, _, scene = mapped
+    full = Localizer(model, scene_map)
+    half = Localizer(model, scene_map, replace(PnPConfig(), refine_bf16=True))
+    moved = []
+    for frame in scene.queries["lighting"]:
+        a, b = full.localize(frame.image, frame.intrinsics), half.localize(frame.image, frame.intrinsics)
+        assert a.success == b.success
+        if a.success:
+            moved.append(pose_error(a.T_world_cam, b.T_world_cam)[0])
+    assert moved and max(moved) < 0.01, f"bf16 moved the poses by {np.round(moved, 4).tolist()} m"
+
+
 def test_guided_refinement_keeps_the_poses_and_uses_more_of_the_image(mapped) -> None:
     """With ``guided_refinement`` each accepted pose is refined on the re-matched top-k candidates:
     the same acceptance, at least as many inliers, and poses as good as the localizer test's bar."""

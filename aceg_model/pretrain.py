@@ -335,7 +335,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
             views = [warped(v, cfg, rng) if k % 2 else v for k, v in enumerate(views)]
             # Query iterations see codes as constants: only the network learns to generalize.
             codes = [pool.codes[i] if phase == "mapping" else pool.codes[i].detach() for i in slots]
-            l_coords = l_reproj = l_nce = None
+            l_coords = l_reproj = l_nce = feats = prepared = None
             terms: list[torch.Tensor] = []
             stats: dict = {}
             if cfg.regresses:
@@ -344,10 +344,9 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
                 if out is not None:
                     l_coords, l_reproj, stats, feats, prepared = out
                     terms = [cfg.w_coords * l_coords, cfg.w_reproj * l_reproj]
-                    if cfg.w_nce > 0:
-                        l_nce = correspondence_loss(feats, prepared, views, cfg, rng)
             else:
                 feats, prepared = encode_views(model, views, cfg)
+            if feats is not None and cfg.w_nce > 0:
                 l_nce = correspondence_loss(feats, prepared, views, cfg, rng)
             if l_nce is not None:
                 terms.append(cfg.w_nce * l_nce)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from aceg_model.losses import ReprojectionLossConfig, coords_nll, info_nce, reprojection_nll
 from aceg_model.model import AcegModel, ModelConfig, prepare_image
+from aceg_model.photo_pairs import PhotoPairs
 from aceg_model.pretrain_data import SceneViews, T_cam_map, View, load_views, patch_coords, zoomed_and_rolled
 from aceg_model.safe_files import read_meta
 
@@ -64,6 +65,10 @@ class PretrainConfig:
     wide_pair_prob: float = 0.0
     wide_min_deg: float = 20.0
     wide_max_deg: float = 60.0
+    # A pair is, with this probability, two views of a real photo laid on a plane
+    # (photo_pairs.PhotoPairs): real image statistics under perspective changes, with exact
+    # correspondences. Encoder-only runs (the pair has no place in a scene's codes). 0: off.
+    photo_pair_prob: float = 0.0
     render_height: int = 240  # px; views are rendered at the model's working resolution
     mapping_frames: int = 32  # rendered per scene when it enters the pool
     query_frames: int = 12  # per query condition (lighting, viewpoint)
@@ -87,6 +92,10 @@ class PretrainConfig:
             raise ValueError("views_per_scene must be >= 2: the correspondence loss works on view pairs")
         if not 0 <= self.wide_pair_prob <= 1 or not 0 <= self.wide_min_deg < self.wide_max_deg <= 180:
             raise ValueError("wide_pair_prob must be in [0, 1] and 0 <= wide_min_deg < wide_max_deg <= 180")
+        if not 0 <= self.photo_pair_prob <= 1:
+            raise ValueError("photo_pair_prob must be in [0, 1]")
+        if self.photo_pair_prob > 0 and self.regresses:
+            raise ValueError("photo pairs train the encoder alone: set w_coords and w_reproj to 0 with photo_pair_prob")
 
     @property
     def regresses(self) -> bool:
@@ -313,6 +322,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
     log_path = out_dir / "pretrain_log.jsonl"
     # The parameters every rank trains: an encoder-only run leaves the regressor without gradients.
     shared = list(model.parameters() if cfg.regresses else model.encoder.parameters())
+    photos = PhotoPairs() if cfg.photo_pair_prob > 0 else None
     t0 = time.perf_counter()
     step = start_step
     for step in range(start_step, cfg.steps):
@@ -329,7 +339,11 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
             views = []
             for i in slots:
                 scene = pool.scenes[i]
-                pair = scene.view_pair(phase == "query", rng, cfg.wide_pair_prob, (cfg.wide_min_deg, cfg.wide_max_deg))
+                if photos is not None and rng.random() < cfg.photo_pair_prob:
+                    pair = photos.pair(scene.mapping[0].intrinsics, phase == "query", rng)
+                else:
+                    pair = scene.view_pair(phase == "query", rng, cfg.wide_pair_prob,
+                                           (cfg.wide_min_deg, cfg.wide_max_deg))
                 views += [*pair, *(scene.mapping_view(rng) if phase == "mapping" else scene.query_view(rng)
                                    for _ in range(cfg.views_per_scene - 2))]
             views = [warped(v, cfg, rng) if k % 2 else v for k, v in enumerate(views)]
@@ -436,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="least angle at the surface between the views of a wide pair")
     p.add_argument("--wide-max-deg", type=float, default=PretrainConfig.wide_max_deg,
                    help="largest angle at the surface between the views of a wide pair")
+    p.add_argument("--photo-pair-prob", type=float, default=PretrainConfig.photo_pair_prob,
+                   help="probability that a view pair is two views of a real photo on a plane "
+                   "(encoder-only runs: --w-coords 0 --w-reproj 0; 0: off)")
     args = p.parse_args(argv)
     if args.steps <= 0 or args.lr <= 0:
         p.error("--steps and --lr must be > 0")
@@ -449,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                              w_reproj=args.w_reproj, w_nce=args.w_nce, warp_prob=args.warp_prob,
                              zoom_max=args.zoom_max, roll_max_deg=args.roll_max_deg,
                              wide_pair_prob=args.wide_pair_prob, wide_min_deg=args.wide_min_deg,
-                             wide_max_deg=args.wide_max_deg)
+                             wide_max_deg=args.wide_max_deg, photo_pair_prob=args.photo_pair_prob)
     except ValueError as e:
         p.error(str(e))
     path = pretrain(cfg, args.out, resume=not args.no_resume,

@@ -107,3 +107,13 @@ def info_nce(feats_a_nD: torch.Tensor, feats_b_nD: torch.Tensor, temperature: fl
     logits = a @ b.T / temperature
     labels = torch.arange(len(a), device=a.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def local_nce(feats_a_nD: torch.Tensor, feats_b_nkD: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """Cross-entropy of each point of a against k candidates in b, candidate 0 the true match and
+    the others the features a few pixels beside it: a loss on how sharply a feature says *where*
+    it is, which the InfoNCE's negatives (other points, mostly far apart) leave untrained."""
+    a = F.normalize(feats_a_nD, dim=1)
+    b = F.normalize(feats_b_nkD, dim=2)
+    logits = torch.einsum("nd,nkd->nk", a, b) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(a), dtype=torch.long, device=a.device))

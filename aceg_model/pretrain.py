@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from aceg_model.losses import ReprojectionLossConfig, coords_nll, info_nce, reprojection_nll
+from aceg_model.losses import ReprojectionLossConfig, coords_nll, info_nce, local_nce, reprojection_nll
 from aceg_model.model import AcegModel, ModelConfig, prepare_image
 from aceg_model.photo_pairs import PhotoPairs
 from aceg_model.pretrain_data import SceneViews, T_cam_map, View, load_views, patch_coords, zoomed_and_rolled
@@ -53,6 +53,12 @@ class PretrainConfig:
     w_reproj: float = 0.05  # reprojection NLL is in px units; it dominates otherwise
     w_nce: float = 0.5
     nce_points: int = 256
+    # Weight of local_nce beside the InfoNCE: each match against the features local_offsets
+    # directions around it, local_min_px..local_max_px away (working pixels). 0: off.
+    w_local: float = 0.0
+    local_offsets: int = 8
+    local_min_px: float = 3.0
+    local_max_px: float = 12.0
     # The second view of a pair is, with this probability, zoomed by a factor in
     # [1/zoom_max, zoom_max] and rolled by up to roll_max_deg (pretrain_data.zoomed_and_rolled):
     # scale and in-plane rotation beyond those of the rendered camera paths. 0: off.
@@ -92,6 +98,8 @@ class PretrainConfig:
             raise ValueError("views_per_scene must be >= 2: the correspondence loss works on view pairs")
         if not 0 <= self.wide_pair_prob <= 1 or not 0 <= self.wide_min_deg < self.wide_max_deg <= 180:
             raise ValueError("wide_pair_prob must be in [0, 1] and 0 <= wide_min_deg < wide_max_deg <= 180")
+        if self.w_local < 0 or self.local_offsets < 1 or not 0 < self.local_min_px <= self.local_max_px:
+            raise ValueError("w_local must be >= 0, local_offsets >= 1 and 0 < local_min_px <= local_max_px")
         if not 0 <= self.photo_pair_prob <= 1:
             raise ValueError("photo_pair_prob must be in [0, 1]")
         if self.photo_pair_prob > 0 and self.regresses:
@@ -217,7 +225,8 @@ def step_losses(model, views: list[View], codes_S: list[torch.Tensor], centres: 
 
 
 def correspondence_loss(feats_BDhw, prepared, views: list[View], cfg: PretrainConfig, rng) -> torch.Tensor | None:
-    """InfoNCE between view pairs (0,1), (2,3), ... of the same scene, from rendered geometry."""
+    """InfoNCE between view pairs (0,1), (2,3), ... of the same scene, from rendered geometry
+    (plus ``cfg.w_local`` x ``local_nce`` against the features beside each match)."""
     from aceg_model.pretrain_data import view_correspondences
 
     losses = []
@@ -228,7 +237,16 @@ def correspondence_loss(feats_BDhw, prepared, views: list[View], cfg: PretrainCo
             continue
         fa = bilinear(feats_BDhw[a], uv_a, Ka)
         fb = bilinear(feats_BDhw[a + 1], uv_b, Kb)
-        losses.append(info_nce(fa, fb))
+        loss = info_nce(fa, fb)
+        if cfg.w_local > 0:
+            # The match and, around it in b, offsets in evenly turned directions at random radii.
+            n, k = len(uv_b), cfg.local_offsets
+            turn = rng.uniform(0, 2 * np.pi, (n, 1)) + np.arange(k) * 2 * np.pi / k
+            radius = rng.uniform(cfg.local_min_px, cfg.local_max_px, (n, k))
+            around = uv_b[:, None] + radius[..., None] * np.stack([np.cos(turn), np.sin(turn)], -1)
+            beside = bilinear(feats_BDhw[a + 1], around.reshape(-1, 2), Kb).reshape(n, k, -1)
+            loss = loss + cfg.w_local * local_nce(fa, torch.cat([fb[:, None], beside], 1))
+        losses.append(loss)
     return torch.stack(losses).mean() if losses else None
 
 
@@ -450,6 +468,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="least angle at the surface between the views of a wide pair")
     p.add_argument("--wide-max-deg", type=float, default=PretrainConfig.wide_max_deg,
                    help="largest angle at the surface between the views of a wide pair")
+    p.add_argument("--w-local", type=float, default=PretrainConfig.w_local,
+                   help="weight of the local correspondence loss: each match against the features "
+                   "--local-min-px..--local-max-px beside it (0: off)")
+    p.add_argument("--local-min-px", type=float, default=PretrainConfig.local_min_px,
+                   help="least distance of the local loss's neighbours (working pixels)")
+    p.add_argument("--local-max-px", type=float, default=PretrainConfig.local_max_px,
+                   help="largest distance of the local loss's neighbours (working pixels)")
     p.add_argument("--photo-pair-prob", type=float, default=PretrainConfig.photo_pair_prob,
                    help="probability that a view pair is two views of a real photo on a plane "
                    "(encoder-only runs: --w-coords 0 --w-reproj 0; 0: off)")
@@ -466,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
                              w_reproj=args.w_reproj, w_nce=args.w_nce, warp_prob=args.warp_prob,
                              zoom_max=args.zoom_max, roll_max_deg=args.roll_max_deg,
                              wide_pair_prob=args.wide_pair_prob, wide_min_deg=args.wide_min_deg,
-                             wide_max_deg=args.wide_max_deg, photo_pair_prob=args.photo_pair_prob)
+                             wide_max_deg=args.wide_max_deg, photo_pair_prob=args.photo_pair_prob,
+                             w_local=args.w_local, local_min_px=args.local_min_px, local_max_px=args.local_max_px)
     except ValueError as e:
         p.error(str(e))
     path = pretrain(cfg, args.out, resume=not args.no_resume,

@@ -1,6 +1,7 @@
 """Pre-training runs end to end on tiny generated scenes and writes loadable, resumable models."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from aceg_model.losses import local_nce
 from aceg_model.model import AcegModel, ModelConfig
 from aceg_model.pretrain import (PretrainConfig, ScenePool, average_gradients, cosine_lr, pretrain,
                                   synced_elapsed)
@@ -130,6 +132,34 @@ def test_a_zoomed_and_rolled_view_keeps_its_geometry_exact(bank: Path, scale: fl
     assert np.median(np.abs(grey_a - grey_b)) < 0.25 * np.median(np.abs(grey_a - np.roll(grey_b, 7)))
 
 
+def test_the_local_loss_tells_a_feature_that_says_where_it_is_from_a_smooth_one() -> None:
+    torch.manual_seed(0)
+    n, k, d = 64, 8, 32
+    a = torch.randn(n, d)
+    # Features beside the match that are other features: the true one wins.
+    sharp = torch.cat([a[:, None], torch.randn(n, k, d)], 1)
+    # A smooth feature map: the neighbours are nearly the match itself, chance is ln(k + 1).
+    smooth = a[:, None] + 1e-3 * torch.randn(n, k + 1, d)
+    assert local_nce(a, sharp) < 0.05
+    assert local_nce(a, smooth).item() == pytest.approx(np.log(k + 1), abs=0.01)
+
+
+def test_the_local_loss_trains_the_encoder_beside_the_infonce(bank: Path, tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    start = AcegModel(TINY)
+    start.save(tmp_path / "start.safetensors")
+    common = dict(steps=1, scenes_in_pool=2, scenes_per_step=2, patches_per_view=32, nce_points=64,
+                  render_height=64, log_every=1, bank=str(bank), init=str(tmp_path / "start.safetensors"),
+                  w_coords=0.0, w_reproj=0.0, lr=1e-3)
+    logs = {}
+    for w in (0.0, 1.0):
+        pretrain(PretrainConfig(**common, w_local=w), tmp_path / f"run{w}", resume=False)
+        logs[w] = json.loads((tmp_path / f"run{w}" / "pretrain_log.jsonl").read_text().splitlines()[0])
+    # The same start and views: the logged correspondence loss now includes the local term (near ln 9).
+    for phase in ("mapping", "query"):
+        assert logs[1.0][phase]["nce"] > logs[0.0][phase]["nce"] + 0.1
+
+
 def test_pretrain_refuses_bad_loss_weights() -> None:
     with pytest.raises(ValueError, match="loss weights"):
         PretrainConfig(w_coords=0.0, w_reproj=0.0, w_nce=0.0)
@@ -145,6 +175,10 @@ def test_pretrain_refuses_bad_loss_weights() -> None:
         PretrainConfig(wide_min_deg=40.0, wide_max_deg=30.0)
     with pytest.raises(ValueError, match="view pairs"):
         PretrainConfig(views_per_scene=1)
+    with pytest.raises(ValueError, match="w_local"):
+        PretrainConfig(w_local=-1.0)
+    with pytest.raises(ValueError, match="local_min_px"):
+        PretrainConfig(local_min_px=8.0, local_max_px=4.0)
 
 
 def test_pretrain_cli_refuses_a_missing_init_file_and_bad_weights(tmp_path: Path, capsys) -> None:

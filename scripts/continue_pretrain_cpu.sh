@@ -2,7 +2,7 @@
 # Continued pre-training of a model's encoder by the correspondence loss alone, then the
 # regressor's query projection refitted to the new features: the recipe behind the latest
 # models/aceg_small.safetensors (models/README.md, "Stage 1b" and "Stage 1c").
-#   [BANK_FIRST_SEED=S] [WARP_PROB=P] [WIDE_PROB=P] [PHOTO_PROB=P] ./scripts/continue_pretrain_cpu.sh INIT OUT [STEPS] [SEED]
+#   [BANK_FIRST_SEED=S] [WARP_PROB=P] [WIDE_PROB=P] [PHOTO_PROB=P] [LOCAL_W=W] ./scripts/continue_pretrain_cpu.sh INIT OUT [STEPS] [SEED]
 # INIT: the model to continue from; OUT/model.safetensors is the encoder run's output and
 # OUT/pca/model.safetensors the model to use. The bank (170 generated scenes from seed
 # BANK_FIRST_SEED, default 3000; the few without a camera path are skipped) is rendered into
@@ -11,7 +11,8 @@
 # the probability that a pair's second view is zoomed and rolled (stage 1c: 0.5). WIDE_PROB
 # (default 0): the probability that a pair is drawn among those that see the same surfaces
 # 20-60 degrees apart. PHOTO_PROB (default 0): the probability that a pair is two views of a real
-# photo on a plane (aceg_model/photo_pairs.py).
+# photo on a plane (aceg_model/photo_pairs.py). LOCAL_W (default 0): the weight of the local
+# correspondence loss (each match against the features 3-12 px beside it).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 INIT="${1:?usage: continue_pretrain_cpu.sh INIT OUT [STEPS] [SEED]}"
@@ -22,6 +23,7 @@ BANK_FIRST_SEED="${BANK_FIRST_SEED:-3000}"
 WARP_PROB="${WARP_PROB:-0}"
 WIDE_PROB="${WIDE_PROB:-0}"
 PHOTO_PROB="${PHOTO_PROB:-0}"
+LOCAL_W="${LOCAL_W:-0}"
 BANK="runs/bank-$BANK_FIRST_SEED"
 mkdir -p "$OUT"
 python -m aceg_model.pretrain_data "$BANK" --first-seed "$BANK_FIRST_SEED" --count 170 --mapping-frames 32 \
@@ -31,7 +33,8 @@ trap 'kill "$BANK_PID" 2>/dev/null || true' EXIT  # no renderer left behind if t
 sleep 20  # the first scenes; training waits for more as it needs them
 python -m aceg_model.pretrain --out "$OUT" --steps "$STEPS" --scenes-in-pool 8 --scene-uses 100 --bank "$BANK" \
   --init "$INIT" --lr 1e-4 --w-coords 0 --w-reproj 0 --seed "$SEED" --warp-prob "$WARP_PROB" \
-  --wide-pair-prob "$WIDE_PROB" --photo-pair-prob "$PHOTO_PROB"
+  --wide-pair-prob "$WIDE_PROB" --photo-pair-prob "$PHOTO_PROB" \
+  --w-local "$LOCAL_W"
 wait "$BANK_PID"
 trap - EXIT
 python -m aceg_model.pretrain_data runs/bank8 --first-seed 0 --count 8

@@ -224,12 +224,15 @@ def step_losses(model, views: list[View], codes_S: list[torch.Tensor], centres: 
     return l_coords, l_reproj, {"median_err_cm": 100 * err.median().item(), **stats}, feats_BDhw, prepared
 
 
-def correspondence_loss(feats_BDhw, prepared, views: list[View], cfg: PretrainConfig, rng) -> torch.Tensor | None:
-    """InfoNCE between view pairs (0,1), (2,3), ... of the same scene, from rendered geometry
-    (plus ``cfg.w_local`` x ``local_nce`` against the features beside each match)."""
+def correspondence_loss(feats_BDhw, prepared, views: list[View], cfg: PretrainConfig, rng,
+                        local_rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """InfoNCE between view pairs (0,1), (2,3), ... of the same scene, from rendered geometry, and with
+    ``cfg.w_local`` the ``local_nce`` of each match against the features beside it, as means over
+    the pairs; None without a pair of enough matches. The local offsets come from ``local_rng``
+    (else ``rng``), so that a run with the local loss draws the same views and matches as one without."""
     from aceg_model.pretrain_data import view_correspondences
 
-    losses = []
+    nces, locals_ = [], []
     for a in range(0, len(views) - 1, 2):
         Ka, Kb = prepared[a][1], prepared[a + 1][1]
         uv_a, uv_b = view_correspondences(views[a], views[a + 1], Ka, Kb, cfg.nce_points, rng)
@@ -237,17 +240,19 @@ def correspondence_loss(feats_BDhw, prepared, views: list[View], cfg: PretrainCo
             continue
         fa = bilinear(feats_BDhw[a], uv_a, Ka)
         fb = bilinear(feats_BDhw[a + 1], uv_b, Kb)
-        loss = info_nce(fa, fb)
+        nces.append(info_nce(fa, fb))
         if cfg.w_local > 0:
             # The match and, around it in b, offsets in evenly turned directions at random radii.
+            r = rng if local_rng is None else local_rng
             n, k = len(uv_b), cfg.local_offsets
-            turn = rng.uniform(0, 2 * np.pi, (n, 1)) + np.arange(k) * 2 * np.pi / k
-            radius = rng.uniform(cfg.local_min_px, cfg.local_max_px, (n, k))
+            turn = r.uniform(0, 2 * np.pi, (n, 1)) + np.arange(k) * 2 * np.pi / k
+            radius = r.uniform(cfg.local_min_px, cfg.local_max_px, (n, k))
             around = uv_b[:, None] + radius[..., None] * np.stack([np.cos(turn), np.sin(turn)], -1)
             beside = bilinear(feats_BDhw[a + 1], around.reshape(-1, 2), Kb).reshape(n, k, -1)
-            loss = loss + cfg.w_local * local_nce(fa, torch.cat([fb[:, None], beside], 1))
-        losses.append(loss)
-    return torch.stack(losses).mean() if losses else None
+            locals_.append(local_nce(fa, torch.cat([fb[:, None], beside], 1)))
+    if not nces:
+        return None
+    return torch.stack(nces).mean(), torch.stack(locals_).mean() if locals_ else None
 
 
 def bilinear(feats_Dhw: torch.Tensor, uv_N2: np.ndarray, K) -> torch.Tensor:
@@ -336,6 +341,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
     pool = ScenePool(cfg, model.regressor, rank, world, device)
     code_opts = [torch.optim.Adam([c], lr=cfg.code_lr) for c in pool.codes]
     rng = np.random.default_rng(cfg.seed * 7919 + rank)
+    local_rng = np.random.default_rng([cfg.seed, rank, 1])  # the local loss's offsets only
     loss_cfg = ReprojectionLossConfig()
     log_path = out_dir / "pretrain_log.jsonl"
     # The parameters every rank trains: an encoder-only run leaves the regressor without gradients.
@@ -367,7 +373,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
             views = [warped(v, cfg, rng) if k % 2 else v for k, v in enumerate(views)]
             # Query iterations see codes as constants: only the network learns to generalize.
             codes = [pool.codes[i] if phase == "mapping" else pool.codes[i].detach() for i in slots]
-            l_coords = l_reproj = l_nce = feats = prepared = None
+            l_coords = l_reproj = l_nce = l_local = feats = prepared = None
             terms: list[torch.Tensor] = []
             stats: dict = {}
             if cfg.regresses:
@@ -378,10 +384,11 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
                     terms = [cfg.w_coords * l_coords, cfg.w_reproj * l_reproj]
             else:
                 feats, prepared = encode_views(model, views, cfg)
-            if feats is not None and cfg.w_nce > 0:
-                l_nce = correspondence_loss(feats, prepared, views, cfg, rng)
-            if l_nce is not None:
-                terms.append(cfg.w_nce * l_nce)
+            matched = correspondence_loss(feats, prepared, views, cfg, rng, local_rng) \
+                if feats is not None and cfg.w_nce > 0 else None
+            if matched is not None:
+                l_nce, l_local = matched
+                terms.append(cfg.w_nce * (l_nce if l_local is None else l_nce + cfg.w_local * l_local))
             if not terms and world == 1:  # too few valid patches or correspondences in this draw
                 continue
             opt.zero_grad(set_to_none=True)
@@ -401,8 +408,8 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
             if phase == "mapping":
                 for i in slots:
                     code_opts[i].step()
-            log[phase] = {"loss": loss.item(), **{k: None if v is None else v.item() for k, v in
-                          (("coords", l_coords), ("reproj", l_reproj), ("nce", l_nce))}, **stats}
+            named = (("coords", l_coords), ("reproj", l_reproj), ("nce", l_nce), ("local", l_local))
+            log[phase] = {"loss": loss.item(), **{k: None if v is None else v.item() for k, v in named}, **stats}
         for i in slots:
             pool.uses[i] += 1
         for i in pool.retire_used():

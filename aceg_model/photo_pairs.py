@@ -85,8 +85,9 @@ def plane_view(photo: np.ndarray, K: Intrinsics, T_world_cam: np.ndarray, name: 
     col = X[..., 0] / m_per_px + pw / 2 - 0.5
     row = X[..., 1] / m_per_px + ph / 2 - 0.5
     on = np.isfinite(depth) & (depth > 0) & (col >= 0) & (col <= pw - 1) & (row >= 0) & (row <= ph - 1)
-    map_x = np.where(on, col, np.nan_to_num(col, nan=-1.0, posinf=-1.0, neginf=-1.0)).astype(np.float32)
-    map_y = np.where(on, row, np.nan_to_num(row, nan=-1.0, posinf=-1.0, neginf=-1.0)).astype(np.float32)
+    # Where a ray is parallel to the plane it has no intersection: sample the border there.
+    map_x = np.nan_to_num(col, nan=-1.0, posinf=-1.0, neginf=-1.0).astype(np.float32)
+    map_y = np.nan_to_num(row, nan=-1.0, posinf=-1.0, neginf=-1.0).astype(np.float32)
     image = cv2.remap(photo, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     coords = np.where(on[..., None], X, np.nan).astype(np.float32)
     return Frame(image, K, T_world_cam, 0.0, np.where(on, depth, 0.0).astype(np.float32), name,
@@ -94,7 +95,7 @@ def plane_view(photo: np.ndarray, K: Intrinsics, T_world_cam: np.ndarray, name: 
 
 
 class PhotoPairs:
-    """Draws view pairs of real photos (``photo_pair``); photos are loaded on first use."""
+    """Draws view pairs of real photos (``pair``); photos are loaded on first use."""
 
     def __init__(self, sources: list[str] | None = None, max_tilt_deg: float = 50.0,
                  max_roll_deg: float = 20.0) -> None:
@@ -106,7 +107,8 @@ class PhotoPairs:
 
     def photo(self, source: str) -> np.ndarray:
         if source not in self._photos:
-            image = load_photo(source)
+            # This cache keeps the resized photo; load_photo's own cache would keep the full-size one as well.
+            image = load_photo.__wrapped__(source)
             h, w = image.shape[:2]
             self._photos[source] = cv2.resize(image, (PHOTO_WIDTH, max(8, round(h * PHOTO_WIDTH / w))),
                                               interpolation=cv2.INTER_AREA if w > PHOTO_WIDTH else cv2.INTER_LINEAR)

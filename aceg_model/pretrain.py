@@ -224,12 +224,12 @@ def step_losses(model, views: list[View], codes_S: list[torch.Tensor], centres: 
     return l_coords, l_reproj, {"median_err_cm": 100 * err.median().item(), **stats}, feats_BDhw, prepared
 
 
-def correspondence_loss(feats_BDhw, prepared, views: list[View], cfg: PretrainConfig, rng,
-                        local_rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def correspondence_loss(feats_BDhw, prepared, views: list[View], cfg: PretrainConfig, rng: np.random.Generator,
+                        local_rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """InfoNCE between view pairs (0,1), (2,3), ... of the same scene, from rendered geometry, and with
     ``cfg.w_local`` the ``local_nce`` of each match against the features beside it, as means over
-    the pairs; None without a pair of enough matches. The local offsets come from ``local_rng``
-    (else ``rng``), so that a run with the local loss draws the same views and matches as one without."""
+    the pairs; None without a pair of enough matches. The local offsets come from ``local_rng``, not
+    ``rng``, so that a run with the local loss draws the same views and matches as one without."""
     from aceg_model.pretrain_data import view_correspondences
 
     nces, locals_ = [], []
@@ -243,10 +243,9 @@ def correspondence_loss(feats_BDhw, prepared, views: list[View], cfg: PretrainCo
         nces.append(info_nce(fa, fb))
         if cfg.w_local > 0:
             # The match and, around it in b, offsets in evenly turned directions at random radii.
-            r = rng if local_rng is None else local_rng
             n, k = len(uv_b), cfg.local_offsets
-            turn = r.uniform(0, 2 * np.pi, (n, 1)) + np.arange(k) * 2 * np.pi / k
-            radius = r.uniform(cfg.local_min_px, cfg.local_max_px, (n, k))
+            turn = local_rng.uniform(0, 2 * np.pi, (n, 1)) + np.arange(k) * 2 * np.pi / k
+            radius = local_rng.uniform(cfg.local_min_px, cfg.local_max_px, (n, k))
             around = uv_b[:, None] + radius[..., None] * np.stack([np.cos(turn), np.sin(turn)], -1)
             beside = bilinear(feats_BDhw[a + 1], around.reshape(-1, 2), Kb).reshape(n, k, -1)
             locals_.append(local_nce(fa, torch.cat([fb[:, None], beside], 1)))

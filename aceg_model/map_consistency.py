@@ -73,9 +73,9 @@ class ConsistencyReport:
     seconds: float
 
     def to_json(self) -> dict:
-        """For the map file's metadata and reports (strict JSON: None where there is no number)."""
-        floor = None if self.covariance_66 is None else self.covariance_66.tolist()
-        return {"n_probes": self.n_probes, "n_localized": self.n_localized, "covariance_66": floor,
+        """The summary numbers, for the map file's metadata and reports (strict JSON: None where
+        there is no number). Not the floor itself: the map file keeps that once, as ``map_floor``."""
+        return {"n_probes": self.n_probes, "n_localized": self.n_localized, "sigma_cm": _number(self.sigma_cm),
                 "median_trans_cm": _number(self.median_trans_cm), "median_rot_deg": _number(self.median_rot_deg),
                 "seconds": self.seconds}
 

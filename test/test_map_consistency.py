@@ -1,13 +1,19 @@
 """The map's covariance floor: how its visits disagree (``aceg_model.map_consistency``)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
 from aceg_model.geometry import make_pose
-from aceg_model.map_consistency import ConsistencyConfig, floor_covariance, pose_difference
-from aceg_model.mapping import checked_floor
+from aceg_model.map_consistency import ConsistencyConfig, ConsistencyReport, floor_covariance, pose_difference
+from aceg_model.mapping import SceneMap, checked_floor, make_head
+from aceg_model.model import AcegModel
+
+CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "aceg_small.safetensors"
 
 
 def test_pose_difference_is_the_covariance_perturbation() -> None:
@@ -43,3 +49,21 @@ def test_config_and_map_file_values_are_checked() -> None:
     for bad in ("x", [[1.0]], -good, good + np.triu(np.ones((6, 6)), 1), np.full((6, 6), np.nan)):
         with pytest.raises(ValueError, match="invalid map_floor"):
             checked_floor(bad.tolist() if isinstance(bad, np.ndarray) else bad, "m")
+
+
+def test_the_map_file_keeps_the_floor_once_and_reads_maps_that_kept_it_twice(tmp_path: Path) -> None:
+    """The report in the map's metadata has the summary numbers; the floor itself is ``map_floor``.
+    Maps written before also kept the floor in the report: they load, with the floor of ``map_floor``."""
+    floor = np.diag([0.02**2, 0.01**2, 0.01**2, 1e-5, 1e-5, 1e-5])
+    report = ConsistencyReport(20, 18, floor, 1.2, 0.3, 4.0)
+    summary = report.to_json()
+    assert "covariance_66" not in summary and summary["sigma_cm"] == pytest.approx(2.0)
+    json.dumps(summary, allow_nan=False)
+    assert ConsistencyReport(0, 0, None, float("nan"), float("nan"), 0.0).to_json()["sigma_cm"] is None
+
+    model = AcegModel.load(CHECKPOINT)
+    before = {"model_hash": model.model_hash(), "report": {"consistency": {**summary, "covariance_66": floor.tolist()}}}
+    SceneMap(make_head(model, "ace"), np.zeros(3), before, floor_66=floor).save(tmp_path / "before.map")
+    loaded = SceneMap.load(tmp_path / "before.map", model)
+    np.testing.assert_array_equal(loaded.floor_66, floor)
+    assert loaded.meta["map_floor"] == floor.tolist()

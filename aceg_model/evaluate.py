@@ -59,13 +59,13 @@ def evaluate_queries(localizer: Localizer, queries, perturbation: str | None = N
         records.append({"name": frame.name, "success": res.success, "reason": res.reason,
                         "n_inliers": res.n_inliers, "trans_err_cm": None if t_err[-1] is None else 100 * t_err[-1],
                         "rot_err_deg": r_err[-1], "resolve_support": None if not res.success else res.resolve_support,
+                        "first_solve_kept": res.first_solve_kept,
                         "sigma_trans_cm": sigma_cm, "nees_trans": nees, "ms": res.timings_ms})
     out = accuracy_summary(t_err, r_err)
     out["localize_ms_mean"] = float(np.mean(times)) if times else float("nan")
     out.update(covariance_summary([r["nees_trans"] for r in records]))
     # Frames answered with the first solve's pose because the re-solved one left its evidence.
-    out["n_first_solve_kept"] = sum(r["success"] and r["resolve_support"] < localizer.pnp.resolve_min_support
-                                    for r in records)
+    out["n_first_solve_kept"] = sum(r["first_solve_kept"] for r in records)
     out["frames"] = records
     return out
 

@@ -54,6 +54,8 @@ class LocalizationResult:
     # Share of the accepting solve's inliers that the returned pose explains (1 when no re-solve
     # changed the pose; NaN without a pose); see ``PnPConfig.resolve_min_support``.
     resolve_support: float = float("nan")
+    # The accepting solve's pose was returned because the re-solved one explained too little of it.
+    first_solve_kept: bool = False
 
 
 @dataclass
@@ -186,9 +188,9 @@ class Localizer:
             t0 = time.perf_counter()
             res = self._refine_along_seed_rays(res, observed, intrinsics)
             timings["seed_rays"] = 1e3 * (time.perf_counter() - t0)
-        support = float("nan")
+        support, first_kept = float("nan"), False
         if res.success:
-            res, support = self._supported(res, accepted, coords, pixels, intrinsics)
+            res, support, first_kept = self._supported(res, accepted, coords, pixels, intrinsics)
         timings["total"] = sum(v for k, v in timings.items())
         T_world_cam, covariance_66 = (res.T_world_cam, res.covariance_66) if res.success else (None, None)
         lens = self.scene_map.lens
@@ -199,19 +201,21 @@ class Localizer:
             # Measured in mapping against the poses as given, so it is added in their frame.
             covariance_66 = covariance_66 + self.scene_map.floor_66
         return LocalizationResult(res.success, res.reason, T_world_cam, covariance_66, int(res.n_inliers),
-                                  int(res.n_input), timings, support)
+                                  int(res.n_input), timings, support, first_kept)
 
     def _supported(self, res: PnPResult, accepted: PnPResult, coords_N3: np.ndarray, pixels_N2: np.ndarray,
-                   intrinsics: Intrinsics) -> tuple[PnPResult, float]:
+                   intrinsics: Intrinsics) -> tuple[PnPResult, float, bool]:
         """The re-solved pose ``res``, or the accepting solve's where ``res`` explains less than
-        ``resolve_min_support`` of its inliers; with the share ``res`` explains."""
+        ``resolve_min_support`` of its inliers; with the share ``res`` explains, and whether the
+        accepting solve's pose was kept."""
         if res is accepted:
-            return res, 1.0
+            return res, 1.0, False
         inlier_N = accepted.inlier_mask
         explained = within_threshold(res.T_world_cam, coords_N3[inlier_N], pixels_N2[inlier_N], intrinsics,
                                      self.pnp_config().threshold_for(intrinsics.height))
         support = float(explained.mean())
-        return (accepted if support < self.pnp.resolve_min_support else res), support
+        keep_first = support < self.pnp.resolve_min_support
+        return (accepted if keep_first else res), support, keep_first
 
     @property
     def adds_map_floor(self) -> bool:

@@ -167,7 +167,7 @@ def test_a_resolve_that_leaves_the_accepting_evidence_is_undone(mapped, monkeypa
     frame = scene.queries["lighting"][0]
     assert PnPConfig().resolve_min_support == 0.5  # the default is on
     honest = Localizer(model, scene_map).localize(frame.image, frame.intrinsics)
-    assert honest.success and honest.resolve_support > 0.8, honest.resolve_support
+    assert honest.success and honest.resolve_support > 0.8 and not honest.first_solve_kept, honest.resolve_support
     accepting = Localizer(model, scene_map, PnPConfig(solve_in_visit=False, photometric_refinement=False)
                           ).localize(frame.image, frame.intrinsics)
     refine = Localizer._refine_photometrically
@@ -184,8 +184,15 @@ def test_a_resolve_that_leaves_the_accepting_evidence_is_undone(mapped, monkeypa
                                                                                           frame.intrinsics)
     assert guarded.success and unguarded.success
     assert guarded.resolve_support < 0.5 and unguarded.resolve_support == guarded.resolve_support
+    assert guarded.first_solve_kept and not unguarded.first_solve_kept
     np.testing.assert_allclose(guarded.T_world_cam, accepting.T_world_cam, atol=1e-9)
     assert pose_error(unguarded.T_world_cam, guarded.T_world_cam)[0] > 0.25
+    # aceg-eval counts the frames the localizer answered with the first solve's pose.
+    from aceg_model.evaluate import evaluate_queries
+
+    assert evaluate_queries(Localizer(model, scene_map), [frame])["n_first_solve_kept"] == 1
+    assert evaluate_queries(Localizer(model, scene_map, PnPConfig(resolve_min_support=0.0)),
+                            [frame])["n_first_solve_kept"] == 0
 
 
 def test_map_floor_measures_how_the_visits_disagree_and_widens_the_covariance(mapped, tmp_path: Path) -> None:

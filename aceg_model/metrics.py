@@ -36,13 +36,17 @@ def position_sigma_cm(covariance_66: np.ndarray) -> float:
     return 100.0 * float(np.sqrt(np.linalg.eigvalsh(C_33)[-1]))
 
 
-def position_consistency(T_est: np.ndarray, covariance_66: np.ndarray, T_gt: np.ndarray) -> tuple[float, float]:
-    """How a pose's covariance covers its position error: ``position_sigma_cm``, and the
-    normalized squared error ``e^T C^-1 e`` (NEES; chi-square with 3 degrees of freedom where
-    the covariance is right)."""
+def position_nees(T_est: np.ndarray, covariance_66: np.ndarray, T_gt: np.ndarray) -> float:
+    """The normalized squared position error ``e^T C^-1 e`` (NEES; chi-square with 3 degrees of
+    freedom where the covariance is right)."""
     C_33 = np.asarray(covariance_66, dtype=np.float64)[:3, :3]
     e_3 = T_est[:3, 3] - T_gt[:3, 3]
-    return position_sigma_cm(covariance_66), float(e_3 @ np.linalg.solve(C_33, e_3))
+    return float(e_3 @ np.linalg.solve(C_33, e_3))
+
+
+def position_consistency(T_est: np.ndarray, covariance_66: np.ndarray, T_gt: np.ndarray) -> tuple[float, float]:
+    """How a pose's covariance covers its position error: ``position_sigma_cm`` and ``position_nees``."""
+    return position_sigma_cm(covariance_66), position_nees(T_est, covariance_66, T_gt)
 
 
 def covariance_summary(nees: list[float | None]) -> dict:

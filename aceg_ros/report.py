@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from aceg_model.geometry import pose_error, pose_from_quat, quat_from_pose
-from aceg_model.metrics import THRESHOLDS, accuracy_summary, covariance_summary, position_consistency
+from aceg_model.metrics import THRESHOLDS, accuracy_summary, covariance_summary, position_nees
 
 PLOT_NAMES = ("trajectory", "error_over_time", "error_cdf")
 ERROR_FLOOR = (0.01, 0.001)  # cm, deg: exact poses (oracle tests) still show on log axes
@@ -99,7 +99,7 @@ def frame_record(r: FrameResult) -> dict:
         pos_std = 100.0 * math.sqrt(max(float(np.trace(cov[:3, :3])), 0.0))
         rot_std = math.degrees(math.sqrt(max(float(np.trace(cov[3:, 3:])), 0.0)))
         if t_err is not None and np.linalg.eigvalsh(cov[:3, :3])[0] > 0:
-            nees = position_consistency(r.T_est, cov, r.T_gt)[1]
+            nees = position_nees(r.T_est, cov, r.T_gt)
     return {"stamp": r.stamp_ns * 1e-9, "pose": _pose7(r.T_est), "gt_pose": _pose7(r.T_gt),
             "trans_err_cm": _num(t_err), "rot_err_deg": _num(r_err), "latency_ms": _num(r.latency_ms),
             "position_std_cm": _num(pos_std), "rotation_std_deg": _num(rot_std), "nees_trans": _num(nees),

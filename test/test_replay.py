@@ -214,7 +214,8 @@ def test_summary_says_whether_the_covariances_cover_the_errors() -> None:
         est[0, 3] = err_cm / 100.0
         frames.append(FrameResult(1_000_000_000 * (i + 1), gt, est, covariance_66=cov))
     frames.append(FrameResult(9_000_000_000, gt))  # no pose: no NEES
+    frames.append(FrameResult(10_000_000_000, gt, gt, covariance_66=np.zeros((6, 6))))  # singular: no NEES
     rep = summarize(frames, wall_s=1.0)
-    assert [f["nees_trans"] for f in rep["frames"]] == pytest.approx([0.25, 1.0, 4.0, 100.0, None])
+    assert [f["nees_trans"] for f in rep["frames"]] == pytest.approx([0.25, 1.0, 4.0, 100.0, None, None])
     assert rep["nees_trans_median"] == pytest.approx(2.5) and rep["pct_nees_trans_within_95"] == 75.0
     json.dumps(rep, allow_nan=False)

@@ -56,25 +56,35 @@ class RadialDistortion:
 
 
 class ImageUndistorter:
-    """Removes a radial distortion from images of one camera; the output keeps the camera's K.
+    """Removes a lens distortion from images of one camera; the output keeps the camera's K.
 
-    The remap tables are built once per (intrinsics, distortion) and reused. Pixels that come
-    from beyond the image edge repeat the edge rather than turning black, so the encoder sees
-    no artificial border.
+    The one undistortion of images at their own K: the localizer and mapping remove the map's
+    estimated radial lens with it (``RadialDistortion.coefficients``), the ROS node and replay a
+    ``camera_info``'s calibration (``aceg_ros.ros_conversions.camera_model_from_info``).
+    ``coefficients`` are OpenCV's (plumb_bob / rational_polynomial order), or with ``fisheye``
+    its fisheye model's four (ROS's equidistant). The remap tables are built once per
+    (intrinsics, distortion) and reused. Pixels that come from beyond the image edge repeat the
+    edge rather than turning black, so the encoder sees no artificial border.
     """
 
     def __init__(self) -> None:
         self._key = None
         self._maps = None
 
-    def __call__(self, image: np.ndarray, intrinsics: Intrinsics, distortion: RadialDistortion) -> np.ndarray:
-        if distortion.is_zero:
+    def __call__(self, image: np.ndarray, intrinsics: Intrinsics, coefficients: Sequence[float],
+                 fisheye: bool = False) -> np.ndarray:
+        D = np.asarray(coefficients, dtype=np.float64)
+        if not D.any():
             return image
-        key = (intrinsics, distortion)
+        key = (intrinsics, D.tobytes(), fisheye)
         if key != self._key:
-            size = (intrinsics.width, intrinsics.height)
-            self._maps = cv2.initUndistortRectifyMap(intrinsics.K, distortion.coefficients, None, intrinsics.K,
-                                                     size, cv2.CV_32FC1)
+            K, size = intrinsics.K, (intrinsics.width, intrinsics.height)
+            if fisheye:
+                if len(D) < 4:
+                    raise ValueError(f"fisheye (equidistant) distortion needs 4 coefficients, got {len(D)}")
+                self._maps = cv2.fisheye.initUndistortRectifyMap(K, D[:4], np.eye(3), K, size, cv2.CV_32FC1)
+            else:
+                self._maps = cv2.initUndistortRectifyMap(K, D, None, K, size, cv2.CV_32FC1)
             self._key = key
         return cv2.remap(image, self._maps[0], self._maps[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
@@ -95,7 +105,7 @@ class CorrectedFrames(Sequence[Frame]):
 
     def __getitem__(self, i: int) -> Frame:  # type: ignore[override]
         frame = self._frames[i]
-        return replace(frame, image=self._undistort(frame.image, frame.intrinsics, self._distortion),
+        return replace(frame, image=self._undistort(frame.image, frame.intrinsics, self._distortion.coefficients),
                        T_world_cam=self._mount.camera_pose(frame.T_world_cam))
 
     def pose(self, i: int) -> np.ndarray:

@@ -153,7 +153,7 @@ class Localizer:
         if lens is None or lens.distortion.is_zero or not lens.applies_to(intrinsics):
             return image, {}
         t0 = time.perf_counter()
-        image = self._undistort(image, intrinsics, lens.distortion)
+        image = self._undistort(image, intrinsics, lens.distortion.coefficients)
         return image, {"undistort": 1e3 * (time.perf_counter() - t0)}
 
     def localize(self, image: np.ndarray, intrinsics: Intrinsics,

@@ -551,7 +551,11 @@ def _calibration(info, topic: str, undistort: bool) -> tuple[np.ndarray, np.ndar
 
 
 class _Camera:
-    """Intrinsics (and undistortion maps) from one CameraInfo for images of one size."""
+    """Intrinsics (and undistortion maps) from one CameraInfo for images of one size.
+
+    Unlike ``aceg_model.lens.ImageUndistorter`` (the node's and the localizer's, which keeps K
+    and repeats the edge), this undistorts to a new K cropped to the valid pixels: posed frames
+    carry their own intrinsics into mapping, so a tighter K costs nothing and no border is left."""
 
     def __init__(self, info, topic: str, width: int, height: int, undistort: bool) -> None:
         K, d = _calibration(info, topic, undistort)

@@ -59,6 +59,7 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 from tf2_msgs.msg import TFMessage
 
+from aceg_model.lens import ImageUndistorter
 from aceg_ros import params as P
 from aceg_ros import ros_conversions as rc
 from aceg_ros.spinning import spin
@@ -230,7 +231,7 @@ class AcegLocalizer(LifecycleNode):
         self._camera: rc.CameraModel | None = None
         self._camera_key = None
         self._camera_error = "no camera_info received yet"
-        self._undistort = rc.Undistorter()
+        self._undistort = ImageUndistorter()  # camera_info's distortion removed, remap tables built once
         self._viz_lock = threading.Lock()  # guards _path, _cloud, _cloud_t
         self._path: deque = deque()
         self._cloud = VoxelCloud()
@@ -579,7 +580,7 @@ class AcegLocalizer(LifecycleNode):
                 return self._reject("distorted", f"camera_info has {camera.distortion_model} distortion "
                                     f"{list(camera.D)} and undistort is false")
             try:
-                image = self._undistort(image, camera)
+                image = self._undistort(image, camera.intrinsics, camera.D, camera.fisheye)
             except Exception as e:  # noqa: BLE001 - ValueError or cv2.error: the frame is unusable
                 return self._reject("distorted", f"cannot undistort: {e}")
         t_decode = (time.perf_counter() - t0) * 1e3

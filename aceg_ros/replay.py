@@ -61,6 +61,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from aceg_model.lens import ImageUndistorter
 from aceg_ros import bag_io
 from aceg_ros.report import FrameResult, one_line, summarize, write_json, write_report
 
@@ -226,7 +227,7 @@ def replay_offline(qbag: QueryBag, localizer, values: dict[str, Any] | None = No
     from aceg_ros import ros_conversions as rc
 
     v = {s.name: s.default for s in P.PARAMETERS} | (values or {})
-    undistorter = rc.Undistorter()
+    undistorter = ImageUndistorter()
     camera, camera_error = None, "no camera_info before this image"
     results: list[FrameResult] = []
     bar = tqdm(total=qbag.n_images, desc=f"offline {qbag.path.name}", unit="frame", disable=not progress)
@@ -268,7 +269,7 @@ def _localize_message(m: BagMessage, camera, camera_error: str, localizer, undis
         if not v["undistort"]:
             return f"distorted: camera_info has {camera.distortion_model} distortion and undistort is false"
         try:
-            image = undistorter(image, camera)
+            image = undistorter(image, K, camera.D, camera.fisheye)
         except Exception as e:  # noqa: BLE001 - as the node: ValueError or cv2.error makes the frame unusable
             return f"distorted: cannot undistort: {e}"
     res = localizer.localize(image, K)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 from builtin_interfaces.msg import Time as TimeMsg
 from geometry_msgs.msg import Pose, PoseWithCovarianceStamped, Transform, TransformStamped
@@ -146,6 +145,11 @@ class CameraModel:
     def distorted(self) -> bool:
         return any(abs(d) > 0.0 for d in self.D)
 
+    @property
+    def fisheye(self) -> bool:
+        """Whether ``D`` is of OpenCV's fisheye model (ROS's equidistant) rather than plumb_bob's."""
+        return self.distortion_model == "equidistant"
+
 
 DISTORTION_MODELS = ("plumb_bob", "rational_polynomial", "equidistant")
 
@@ -185,31 +189,6 @@ def camera_model_from_info(msg, rectified: bool = False) -> CameraModel:
                          f"supported: {', '.join(DISTORTION_MODELS)}")
     intrinsics = Intrinsics.from_K(K, int(msg.width), int(msg.height))
     return CameraModel(intrinsics, model, D, msg.header.frame_id)
-
-
-class Undistorter:
-    """Removes lens distortion with a cached remap; the output keeps the intrinsics K (no distortion)."""
-
-    def __init__(self) -> None:
-        self._key = None
-        self._maps = None
-
-    def __call__(self, image: np.ndarray, camera: CameraModel) -> np.ndarray:
-        if not camera.distorted:
-            return image
-        h, w = image.shape[:2]
-        key = (camera, w, h)
-        if key != self._key:
-            K = camera.intrinsics.K
-            D = np.asarray(camera.D, dtype=np.float64)
-            if camera.distortion_model == "equidistant":
-                if len(D) < 4:
-                    raise ValueError(f"equidistant distortion needs 4 coefficients, got {len(D)}")
-                maps = cv2.fisheye.initUndistortRectifyMap(K, D[:4], np.eye(3), K, (w, h), cv2.CV_16SC2)
-            else:
-                maps = cv2.initUndistortRectifyMap(K, D, None, K, (w, h), cv2.CV_16SC2)
-            self._key, self._maps = key, maps
-        return cv2.remap(image, self._maps[0], self._maps[1], cv2.INTER_LINEAR)
 
 
 def _to_uint8(image: np.ndarray, encoding: str) -> np.ndarray:

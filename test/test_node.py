@@ -34,6 +34,7 @@ from tf2_msgs.msg import TFMessage  # noqa: E402
 
 from aceg_model.frames import Intrinsics  # noqa: E402
 from aceg_model.geometry import make_pose, pose_error  # noqa: E402
+from aceg_model.lens import ImageUndistorter  # noqa: E402
 from aceg_model.localizer import Localizer  # noqa: E402
 from aceg_model.mapping import SceneMap  # noqa: E402
 from aceg_model.model import AcegModel  # noqa: E402
@@ -409,21 +410,35 @@ def test_camera_info_checks() -> None:
     assert not rc.camera_model_from_info(rect, rectified=True).distorted
 
 
-def test_undistorter_inverts_opencv_distortion(scene) -> None:
-    # Distort a render with OpenCV's model, undistort it with the node's helper, compare the centre.
-    D = np.array([-0.2, 0.05, 0.0, 0.0, 0.0])
-    K = INTRINSICS.K
-    u, v = np.meshgrid(np.arange(W, dtype=np.float32), np.arange(H, dtype=np.float32))
-    undist_pts = cv2.undistortPoints(np.stack([u.ravel(), v.ravel()], 1)[:, None], K, D, P=K)[:, 0]
+def distorted_view(image: np.ndarray, D, model: str = "plumb_bob") -> np.ndarray:
+    """``image`` (a pinhole camera with ``INTRINSICS``) as a lens with OpenCV's ``model`` and ``D`` shows it."""
+    K, pixels = INTRINSICS.K, np.stack(np.meshgrid(np.arange(W), np.arange(H)), -1).reshape(-1, 1, 2).astype(np.float32)
+    if model == "equidistant":
+        undist_pts = cv2.fisheye.undistortPoints(pixels, K, np.array(D), P=K)[:, 0]
+    else:
+        undist_pts = cv2.undistortPoints(pixels, K, np.array(D), P=K)[:, 0]
+    return cv2.remap(image, undist_pts[:, 0].reshape(H, W), undist_pts[:, 1].reshape(H, W), cv2.INTER_LINEAR)
+
+
+@pytest.mark.parametrize("model, D", [("plumb_bob", (-0.2, 0.05, 0.0, 0.0, 0.0)),
+                                      ("equidistant", (0.05, -0.02, 0.0, 0.0))])
+def test_undistorter_inverts_opencv_distortion(scene, model, D) -> None:
+    # Distort a render with OpenCV's model, undistort it as the node does, compare the centre.
     sharp = cv2.GaussianBlur(scene.images[0], (0, 0), 2.0)  # band-limited, so resampling twice is exact enough
-    distorted = cv2.remap(sharp, undist_pts[:, 0].reshape(H, W), undist_pts[:, 1].reshape(H, W), cv2.INTER_LINEAR)
-    cam = rc.camera_model_from_info(camera_info_msg(D=tuple(D)))
-    restored = rc.Undistorter()(distorted, cam)
+    distorted = distorted_view(sharp, D, model)
+    info = camera_info_msg(D=D)
+    info.distortion_model = model
+    cam = rc.camera_model_from_info(info)
+    assert cam.fisheye == (model == "equidistant")
+    restored = ImageUndistorter()(distorted, cam.intrinsics, cam.D, cam.fisheye)
     centre = (slice(60, 420), slice(80, 560))
 
     def err(a):
         return np.abs(a[centre].astype(float) - sharp[centre].astype(float)).mean()
     assert err(restored) < 2.0 and err(restored) < 0.2 * err(distorted), (err(restored), err(distorted))
+    if cam.fisheye:
+        with pytest.raises(ValueError, match="needs 4 coefficients"):
+            ImageUndistorter()(distorted, cam.intrinsics, cam.D[:3], fisheye=True)
 
 
 def test_every_pnp_parameter_reaches_the_localizer_config() -> None:
@@ -577,6 +592,12 @@ def test_bad_messages_are_dropped_not_fatal(harness, scene) -> None:
     h.node.set_parameters([Parameter("undistort", value=False)])
     h.send(image_msg(scene.images[0], STAMP0 + 6), camera_info_msg(D=(-0.2, 0.05, 0, 0, 0)),
            until=lambda: (d := h.last_diag()) and "rejected_distorted" in d[1])
+    # With undistort on (the default), a distorted view is undistorted and localized.
+    h.node.set_parameters([Parameter("undistort", value=True)])
+    lens = (-0.2, 0.05, 0.0, 0.0, 0.0)
+    h.send(image_msg(distorted_view(scene.images[1], lens), STAMP0 + 9), camera_info_msg(D=lens),
+           until=lambda: h.poses_at(STAMP0 + 9))
+    assert_pose_matches(h.poses_at(STAMP0 + 9)[0], scene.poses[1], STAMP0 + 9)
     # An image the map does not know: refused by PnP, reported in diagnostics as WARN, not an exception.
     noise = np.random.default_rng(5).integers(0, 256, (H, W, 3), dtype=np.uint8)
     h.send(image_msg(noise, STAMP0 + 7), info, until=lambda: (d := h.last_diag()) and "rejected_not_localized" in d[1])

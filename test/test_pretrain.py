@@ -16,7 +16,7 @@ from aceg_model.pretrain import (PretrainConfig, ScenePool, average_gradients, c
 from aceg_model.frames import Frame, Intrinsics
 from aceg_model.pretrain_data import (SceneViews, load_views, pair_angles, render_bank, save_views,
                                      zoomed_and_rolled)
-from aceg_model.pretrain_regressor import cache_scene, train
+from aceg_model.pretrain_regressor import cache_scene, matching_loss, train, train_projection
 from aceg_model.regressor import RegressorConfig
 from aceg_model.scene.correspondences import correspondences, project
 
@@ -81,6 +81,40 @@ def test_stage2_trains_the_regressor_only(bank: Path, tmp_path: Path) -> None:
     assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in enc_before.items())
     assert any(not torch.equal(v, model.regressor.state_dict()[k]) for k, v in reg_before.items())
     assert (tmp_path / "regressor_log.jsonl").exists()
+
+
+def test_matching_loss_counts_every_landmark_near_the_true_point() -> None:
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.randn(1, 50, 8, generator=gen), dim=-1)
+    pos = torch.arange(50.0).view(1, 50, 1).repeat(1, 1, 3)  # landmarks 1.7 m apart
+    # Each query is its landmark's key: the attention is all on the right one.
+    assert matching_loss(keys, keys, pos, pos, 300.0, 0.05) < 1e-3
+    # Queries that match other landmarks' keys miss by a lot.
+    assert matching_loss(keys.roll(1, dims=1), keys, pos, pos, 300.0, 0.05) > 10
+    # Two landmarks at one point with one key each, the query halfway between their keys: half
+    # of the attention on each, and both count (a one-target cross-entropy would give ln 2).
+    two = torch.nn.functional.normalize(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), dim=-1)
+    q = torch.nn.functional.normalize(torch.tensor([[[1.0, 1.0]]]), dim=-1)
+    assert matching_loss(q, two, torch.zeros(1, 1, 3), torch.zeros(1, 2, 3), 300.0, 0.05) < 1e-5
+    # A query without a landmark near its point is left out; with none at all, the loss is 0.
+    far = torch.full((1, 1, 3), 1e3)
+    assert matching_loss(q, two, far, torch.zeros(1, 2, 3), 300.0, 0.05) == 0
+
+
+def test_projection_training_moves_the_query_projection_alone(bank: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = AcegModel(TINY)
+    rng = np.random.default_rng(0)
+    scenes = [cache_scene(model, load_views(f), rng) for f in sorted(bank.glob("*.npz"))]
+    model.regressor.fit_query_projection(torch.cat([cs.feats_VPF[: cs.n_mapping].flatten(0, 1) for cs in scenes]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    history = train_projection(model, scenes, scenes, tmp_path, minutes=10, max_steps=5, scenes_per_step=2,
+                               landmarks=64, patches=32, lr=1e-2, radius_m=0.5)
+    after = model.state_dict()
+    changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
+    assert changed == {"regressor.query.weight", "regressor.query.bias"}
+    assert [h["step"] for h in history] == [0, 5] and history[-1]["loss"] > 0 and history[0]["patches"] > 0
+    assert (tmp_path / "projection_log.jsonl").read_text().count("\n") == 2
 
 
 def test_continued_pretraining_starts_from_a_model_file_and_can_train_the_encoder_alone(

@@ -1,0 +1,278 @@
+"""Accuracy of a model on the tuning scenes: the evaluation that model choices are made on.
+
+Never the held-out 7-Scenes kitchen: any dataset path with "7scenes" in it, or
+in a 7-Scenes layout, is refused. Each scene is mapped fresh (``MappingConfig()``,
+``torch.manual_seed(0)`` first) and its query sets are localized with ``PnPConfig()``:
+
+- generated rooms 900003 and 900001 (100 / 200 mapping frames; 60 relit and 60
+  new-viewpoint queries): ``room900003/lighting``, ``room900003/viewpoint``, ...;
+- generated room 900011 in 1000 frames, blocks of 100 alternating mapping / query:
+  ``blk900011/query``;
+- KITTI odometry 06 (frames 0-50) and Strecha Herz-Jesus-P25 from ../shared/data,
+  mapped from the even frames to localize the odd ones (``kitti06/odd``,
+  ``herzjesu/odd``) and the other way round (``kitti06/even``, ``herzjesu/even``).
+
+Generated scenes are written to ``--scenes-dir`` on first use. The JSON is
+rewritten after every query set; query sets already in it are skipped (resume).
+
+    python benchmarks/tuning_scenes.py --model models/aceg_small.safetensors --json runs/tune.json
+    python benchmarks/tuning_scenes.py --table runs/tune_a.json runs/tune_b.json
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _common import DEFAULT_MODEL, REPO, finish_run, load_model, model_info, run_header, write_json
+
+from aceg_model.datasets import PosedImageDataset, detect_layout, open_dataset
+from aceg_model.frames import Frame
+from aceg_model.geometry import pose_error
+from aceg_model.localizer import Localizer
+from aceg_model.mapping import MappingConfig, map_scene
+from aceg_model.model import pick_device
+from aceg_model.pnp import PnPConfig
+from aceg_model.scene.cli import write_scene
+from aceg_model.scene.generate import SceneConfig, default_queries, generate_scene
+
+NAME = "tuning_scenes"
+SHARED_DATA = Path(os.environ.get("ACEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+DEFAULT_SCENES = REPO / "runs" / "tuning_scenes"
+PARITIES = ("even", "odd")  # splits of a folder without lists: frames 0, 2, 4, ... / 1, 3, 5, ...
+BLOCK = 100  # blk900011: blocks of 100 frames alternate mapping / query
+
+# The generated scenes: seed and settings (as the session script that first made them).
+_QUERIES_60 = {name: replace(spec, n_frames=60) for name, spec in default_queries().items()}
+GENERATED = {
+    "room900003": (900003, SceneConfig(kind="room", style="handheld", mapping_frames=100, queries=_QUERIES_60)),
+    "room900001": (900001, SceneConfig(kind="room", style="handheld", mapping_frames=200, queries=_QUERIES_60)),
+    # One long walk (2 cm steps), no query sequence of its own: its blocks are split afterwards.
+    "blk900011": (900011, SceneConfig(kind="room", style="handheld", mapping_frames=1000, step_m=0.02, queries={})),
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One map and the query sets localized against it, named ``<scene>/<query set>``."""
+
+    scene: str
+    data: Path
+    mapping: str  # split of the mapping frames: a posed folder's list, or 'even' / 'odd'
+    queries: dict[str, str] = field(default_factory=dict)  # query set -> its split
+
+
+def jobs(scenes_dir: Path = DEFAULT_SCENES, shared_data: Path = SHARED_DATA) -> list[Job]:
+    kitti06 = shared_data / "kitti-odometry-snippets" / "seq06_frames000-050"
+    herzjesu = shared_data / "strecha-mvs-gt" / "Herz-Jesus-P25"
+    rooms = [Job(name, scenes_dir / name, "mapping", {"viewpoint": "query-viewpoint", "lighting": "query-lighting"})
+             for name in ("room900003", "room900001")]
+    return [*rooms, Job("blk900011", scenes_dir / "blk900011", "mapping", {"query": "query"}),
+            Job("kitti06", kitti06, "even", {"odd": "odd"}), Job("kitti06", kitti06, "odd", {"even": "even"}),
+            Job("herzjesu", herzjesu, "even", {"odd": "odd"}), Job("herzjesu", herzjesu, "odd", {"even": "even"})]
+
+
+class Split(Sequence[Frame]):
+    """Frames ``indices`` of a dataset, each read from disk when indexed."""
+
+    def __init__(self, dataset: PosedImageDataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+        self.names = [dataset.names[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Frame:  # type: ignore[override]  # no slices
+        return self.dataset[self.indices[i]]
+
+    def pose(self, i: int) -> np.ndarray:
+        """``T_world_cam`` of frame ``i`` without decoding its image (mapping uses it for the centre)."""
+        return self.dataset.pose(self.indices[i])
+
+
+def refuse_held_out(data: Path) -> None:
+    """ValueError for 7-Scenes data (held out: never read for a model choice)."""
+    data = Path(data)
+    if "7scenes" in str(data).lower() or "7scenes" in str(data.resolve()).lower() \
+            or detect_layout(data) in ("7scenes", "redkitchen"):
+        raise ValueError(f"{data}: 7-Scenes data is held out; the tuning benchmark never reads it")
+
+
+def open_split(data: Path, split: str) -> Split:
+    """One split of a dataset folder: a posed folder's split list, or 'even' / 'odd' (every other frame,
+    from the first or the second) of a folder without lists (KITTI, Strecha)."""
+    refuse_held_out(data)
+    if split in PARITIES:
+        dataset = open_dataset(data)
+        return Split(dataset, range(PARITIES.index(split), len(dataset), 2))
+    dataset = open_dataset(data, "auto", split)
+    return Split(dataset, range(len(dataset)))
+
+
+def generate(name: str, out_dir: Path) -> None:
+    """Render generated scene ``name`` into the posed folder ``out_dir`` (via a partial folder, renamed when done)."""
+    seed, config = GENERATED[name]
+    total = config.mapping_frames + sum(q.n_frames for q in config.queries.values())
+    print(f"generating {name} (seed {seed}, {total} frames) into {out_dir}", flush=True)
+    rendered = itertools.count(1)
+
+    def progress(_frame: Frame) -> None:
+        k = next(rendered)
+        if k % 50 == 0 or k == total:
+            print(f"  {name}: {k} / {total} frames rendered", flush=True)
+
+    gen = generate_scene(seed, config, progress)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    write_scene(gen, partial)
+    if name.startswith("blk"):  # the block split replaces the all-mapping lists
+        names = (partial / "mapping.txt").read_text().split()  # the written names, in walking order
+        for split, parity in (("mapping", 0), ("query", 1)):
+            (partial / f"{split}.txt").write_text(
+                "\n".join(n for i, n in enumerate(names) if (i // BLOCK) % 2 == parity) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)  # an unfinished folder of an older run
+    os.replace(partial, out_dir)
+
+
+def localize_errors(localizer: Localizer, queries: Split) -> list[list[float] | None]:
+    """Per query frame [position error cm, rotation error deg], or None where no pose was returned."""
+    errs: list[list[float] | None] = []
+    for i in range(len(queries)):
+        frame = queries[i]
+        result = localizer.localize(frame.image, frame.intrinsics)
+        if result.success:
+            t_m, r_deg = pose_error(result.T_world_cam, frame.T_world_cam)
+            errs.append([100.0 * t_m, r_deg])
+        else:
+            errs.append(None)
+    return errs
+
+
+def summarize(errs: list[list[float] | None]) -> dict:
+    """Rates in % of all frames (strictly below the thresholds, as the session scripts), no_pose, median cm."""
+    posed = [e for e in errs if e is not None]
+
+    def pct(cm: float, deg: float = np.inf) -> float:
+        return round(100.0 * float(np.mean([e is not None and e[0] < cm and e[1] < deg for e in errs])), 1)
+
+    return {"n": len(errs), "pct5": pct(5, 5), "pct10": pct(10, 10), "pct2": pct(2, 2),
+            "pct25cm": pct(25), "pct1m": pct(100), "no_pose": len(errs) - len(posed),
+            "median_cm": round(float(np.median([e[0] for e in posed])), 2) if posed else None}
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    todo = [(job, [s for s in job.queries if any(f"{job.scene}/{s}".startswith(p) for p in args.only or [""])])
+            for job in jobs(args.scenes_dir, args.shared_data)]
+    if not any(sets for _, sets in todo):
+        valid = [f"{job.scene}/{s}" for job in jobs() for s in job.queries]
+        raise ValueError(f"--only {' '.join(args.only)} matches no query set; valid: {', '.join(valid)}")
+    for job, sets in todo:
+        if sets:
+            refuse_held_out(job.data)
+    device = pick_device(args.device)
+    model = load_model(args.model, device)
+    info = {**model_info(model, args.model), "file_sha256": file_sha256(args.model)}
+    if args.json.exists():
+        out = json.loads(args.json.read_text())
+        if out["model"]["hash"] != info["hash"]:
+            raise ValueError(f"{args.json} holds results of another model ({out['model']['path']}); "
+                             "pass another --json")
+        out["finished_at"] = None
+    else:
+        out = {**run_header(NAME, args, device), "model": info, "query_sets": {}}
+    results = out["query_sets"]
+
+    for job, sets in todo:
+        sets = [s for s in sets if f"{job.scene}/{s}" not in results]
+        if not sets:
+            continue
+        if job.scene in GENERATED and not (job.data / "query.txt").is_file():
+            generate(job.scene, job.data)
+        mapping = open_split(job.data, job.mapping)
+        print(f"{job.scene}: mapping {len(mapping)} frames ({job.mapping})", flush=True)
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        scene_map, _ = map_scene(model, mapping, MappingConfig())
+        mapping_s = time.perf_counter() - t0
+        localizer = Localizer(model, scene_map, PnPConfig())
+        for s in sets:
+            queries = open_split(job.data, job.queries[s])
+            errs = localize_errors(localizer, queries)
+            entry = {**summarize(errs), "mapping_s": round(mapping_s), "mapping_split": job.mapping,
+                     "mapping_frames": len(mapping), "frames": queries.names, "errs": errs}
+            results[f"{job.scene}/{s}"] = entry
+            print(f"{job.scene}/{s}: {entry['pct5']:g} / {entry['pct10']:g} % within 5 cm,5 deg / 10 cm,10 deg, "
+                  f"median {entry['median_cm']} cm, no pose {entry['no_pose']} of {entry['n']} "
+                  f"(mapping {entry['mapping_s']} s)", flush=True)
+            write_json(args.json, out)
+    return finish_run(args.json, out)
+
+
+def table(paths: Sequence[Path]) -> str:
+    """A markdown table of result files: one row per query set, one column per file."""
+    files = [json.loads(Path(p).read_text()) for p in paths]
+    if missing := [str(p) for p, f in zip(paths, files) if "query_sets" not in f]:
+        raise ValueError(f"not tuning_scenes results (no 'query_sets'): {', '.join(missing)}")
+    results = [f["query_sets"] for f in files]
+    known = [f"{job.scene}/{s}" for job in jobs() for s in job.queries]
+    rows = [n for n in known + sorted({n for r in results for n in r} - set(known)) if any(n in r for r in results)]
+
+    def cell(e: dict | None) -> str:
+        if e is None:
+            return "-"
+        median = "-" if e["median_cm"] is None else f"{e['median_cm']:g} cm"
+        return f"{e['pct5']:g} / {e['pct10']:g} %, {median}, {e['no_pose']}"
+
+    lines = ["Cells: % within 5 cm,5 deg / 10 cm,10 deg, median position error of the posed frames, "
+             "frames with no pose.", "",
+             "| query set | " + " | ".join(str(p) for p in paths) + " |", "|---" * (len(paths) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(cell(r.get(n)) for r in results) + " |" for n in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="pre-trained model (safetensors)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="output JSON (required unless --table); query sets already in it are skipped")
+    p.add_argument("--scenes-dir", type=Path, default=DEFAULT_SCENES,
+                   help="where the generated scenes are kept (written on first use; blk900011 takes several GB of RAM)")
+    p.add_argument("--shared-data", type=Path, default=SHARED_DATA,
+                   help="folder holding kitti-odometry-snippets/ and strecha-mvs-gt/ (env ACEG_SHARED_DATA)")
+    p.add_argument("--only", nargs="+", metavar="NAME", default=None,
+                   help="only the query sets whose name starts with one of these (e.g. room900003 herzjesu/odd)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--table", nargs="+", type=Path, metavar="JSON", default=None,
+                   help="print a markdown table of these result files instead of evaluating")
+    args = p.parse_args(argv)
+    try:
+        if args.table:
+            print(table(args.table))
+            return 0
+        if args.json is None:
+            p.error("--json is required (or --table)")
+        return evaluate(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{NAME}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""benchmarks/tuning_scenes.py without an evaluation: its real-scene splits, the 7-Scenes refusal, the table."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, shared_dataset
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import tuning_scenes  # noqa: E402  (a script folder, not a package)
+
+
+@pytest.mark.parametrize("folder, images", [("kitti-odometry-snippets/seq06_frames000-050", "image_l/*.png"),
+                                            ("strecha-mvs-gt/Herz-Jesus-P25", "images/*.jpg")])
+def test_even_odd_splits_alternate_and_cover_the_folder(folder: str, images: str) -> None:
+    data = shared_dataset(folder)
+    even, odd = (tuning_scenes.open_split(data, parity).names for parity in ("even", "odd"))
+    assert not set(even) & set(odd)
+    assert sorted(even + odd) == sorted(p.stem for p in data.glob(images))
+    # Frame numbers 0, 2, 4, ... map and 1, 3, 5, ... query (and back): neighbours of every query are mapped.
+    assert [int(n) for n in even] == list(range(0, len(even) + len(odd), 2))
+    assert [int(n) for n in odd] == list(range(1, len(even) + len(odd), 2))
+
+
+def test_every_real_job_reads_its_splits_from_the_shared_folder() -> None:
+    real = [job for job in tuning_scenes.jobs() if job.mapping in tuning_scenes.PARITIES]
+    assert {(job.scene, job.mapping, *job.queries) for job in real} == {
+        ("kitti06", "even", "odd"), ("kitti06", "odd", "even"),
+        ("herzjesu", "even", "odd"), ("herzjesu", "odd", "even")}
+
+
+@pytest.mark.parametrize("path", ["../shared/data/7scenes-redkitchen-1000", "/data/7Scenes/chess"])
+def test_7scenes_is_refused(path: str) -> None:
+    with pytest.raises(ValueError, match="held out"):
+        tuning_scenes.open_split(Path(path), "mapping")
+
+
+def test_7scenes_refused_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["--json", str(tmp_path / "out.json"), "--shared-data", str(tmp_path / "7scenes"), "--only", "kitti06/odd"]
+    assert tuning_scenes.main(args) == 2
+    assert "held out" in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
+
+
+def _result(**query_sets: dict) -> dict:
+    return {"benchmark": "tuning_scenes", "query_sets": query_sets}
+
+
+def test_table_has_a_row_per_query_set_and_a_column_per_file(tmp_path: Path) -> None:
+    entry = {"n": 12, "pct5": 41.7, "pct10": 50.0, "pct2": 8.3, "no_pose": 1, "median_cm": 9.85}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_result(**{"herzjesu/odd": entry, "kitti06/odd": {**entry, "median_cm": None}})))
+    b.write_text(json.dumps(_result(**{"herzjesu/odd": {**entry, "pct5": 50.0, "no_pose": 0}})))
+    lines = tuning_scenes.table([a, b]).splitlines()
+    header = next(line for line in lines if line.startswith("| query set"))
+    assert str(a) in header and str(b) in header
+    herz = next(line for line in lines if line.startswith("| herzjesu/odd"))
+    assert "| 41.7 / 50 %, 9.85 cm, 1 | 50 / 50 %, 9.85 cm, 0 |" in herz
+    kitti = next(line for line in lines if line.startswith("| kitti06/odd"))
+    assert kitti.endswith("| 41.7 / 50 %, -, 1 | - |")
+    # Rows follow the benchmark's order (KITTI before Herz-Jesu), whatever the files' order.
+    assert lines.index(kitti) < lines.index(herz)
+
+
+def test_table_refuses_other_json(tmp_path: Path) -> None:
+    other = tmp_path / "bench.json"
+    other.write_text(json.dumps({"benchmark": "bench_localize"}))
+    with pytest.raises(ValueError, match="query_sets"):
+        tuning_scenes.table([other])
+
+
+def test_generated_block_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """generate() on a tiny stand-in for blk900011: blocks alternate mapping / query, the folder appears whole."""
+    from aceg_model.scene import SceneConfig
+
+    tiny = SceneConfig(kind="room", style="handheld", width=160, height=120, focal_range_px=(125.0, 150.0),
+                       mapping_frames=6, use_shared_data=False, queries={})
+    monkeypatch.setitem(tuning_scenes.GENERATED, "blk1", (1, tiny))
+    monkeypatch.setattr(tuning_scenes, "BLOCK", 2)
+    tuning_scenes.generate("blk1", tmp_path / "blk1")
+    mapping, query = (tuning_scenes.open_split(tmp_path / "blk1", s).names for s in ("mapping", "query"))
+    assert [int(n.split("-")[1]) for n in mapping] == [0, 1, 4, 5]
+    assert [int(n.split("-")[1]) for n in query] == [2, 3]
+    assert not (tmp_path / "blk1.partial").exists()

@@ -10,8 +10,9 @@ views under strong lighting and viewpoint changes must find their landmarks.
 
 The shipped regressor is linear: its query is the PCA projection of the features
 (``--projection-only``). ``--match-projection`` trains that projection alone from the PCA fit,
-at the shipped temperature and top-k attention, so that query patches match the landmarks at
-their true points (``train_projection``; tried, not adopted: models/README.md).
+so that query patches match the landmarks at their true points, and measures it on held scenes
+with top-k attention at the shipped temperature, as localization runs it (``train_projection``;
+tried, not adopted: models/README.md).
 """
 from __future__ import annotations
 
@@ -269,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--match-temperature", type=float, default=None,
                    help="with --match-projection: the loss's temperature (default: the regressor's)")
     args = p.parse_args(argv)
+    if args.minutes <= 0 or args.lr <= 0 or args.held < 0 or args.scenes < 1:
+        p.error("--minutes and --lr must be > 0, --held >= 0 and --scenes >= 1")
     torch.manual_seed(0)
     model = with_encoder_of(args.model)
     rng = np.random.default_rng(0)

@@ -16,7 +16,7 @@ from aceg_model.pretrain import (PretrainConfig, ScenePool, average_gradients, c
 from aceg_model.frames import Frame, Intrinsics
 from aceg_model.pretrain_data import (SceneViews, load_views, pair_angles, render_bank, save_views,
                                      zoomed_and_rolled)
-from aceg_model.pretrain_regressor import cache_scene, matching_loss, train, train_projection
+from aceg_model.pretrain_regressor import cache_scene, main as regressor_main, matching_loss, train, train_projection
 from aceg_model.regressor import RegressorConfig
 from aceg_model.scene.correspondences import correspondences, project
 
@@ -115,6 +115,9 @@ def test_projection_training_moves_the_query_projection_alone(bank: Path, tmp_pa
     assert changed == {"regressor.query.weight", "regressor.query.bias"}
     assert [h["step"] for h in history] == [0, 5] and history[-1]["loss"] > 0 and history[0]["patches"] > 0
     assert (tmp_path / "projection_log.jsonl").read_text().count("\n") == 2
+    for bad in (["--minutes", "0"], ["--lr", "-1"], ["--held", "-1"]):
+        with pytest.raises(SystemExit):
+            regressor_main(["--model", "m", "--bank", str(bank), "--out", str(tmp_path), "--match-projection", *bad])
 
 
 def test_continued_pretraining_starts_from_a_model_file_and_can_train_the_encoder_alone(

@@ -2,7 +2,7 @@
 
 Never the held-out 7-Scenes kitchen: any dataset path with "7scenes" in it, or
 in a 7-Scenes layout, is refused. Each scene is mapped fresh (``MappingConfig()``,
-``torch.manual_seed(0)`` first) and its query sets are localized with ``PnPConfig()``:
+``torch.manual_seed(0)`` first, or each of ``--seeds``) and its query sets are localized with ``PnPConfig()``:
 
 - generated rooms 900003 and 900001 (100 / 200 mapping frames; 60 relit and 60
   new-viewpoint queries): ``room900003/lighting``, ``room900003/viewpoint``, ...;
@@ -176,6 +176,11 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def result_name(scene: str, query_set: str, seed: int) -> str:
+    """``<scene>/<query set>`` for the map of seed 0, with ``@seed<N>`` for the maps of other seeds."""
+    return f"{scene}/{query_set}" + (f"@seed{seed}" if seed else "")
+
+
 def evaluate(args: argparse.Namespace) -> int:
     todo = [(job, [s for s in job.queries if any(f"{job.scene}/{s}".startswith(p) for p in args.only or [""])])
             for job in jobs(args.scenes_dir, args.shared_data)]
@@ -198,15 +203,15 @@ def evaluate(args: argparse.Namespace) -> int:
         out = {**run_header(NAME, args, device), "model": info, "query_sets": {}}
     results = out["query_sets"]
 
-    for job, sets in todo:
-        sets = [s for s in sets if f"{job.scene}/{s}" not in results]
+    for (job, all_sets), seed in itertools.product(todo, args.seeds):
+        sets = [s for s in all_sets if result_name(job.scene, s, seed) not in results]
         if not sets:
             continue
         if job.scene in GENERATED and not (job.data / "query.txt").is_file():
             generate(job.scene, job.data)
         mapping = open_split(job.data, job.mapping)
-        print(f"{job.scene}: mapping {len(mapping)} frames ({job.mapping})", flush=True)
-        torch.manual_seed(0)
+        print(f"{job.scene}: mapping {len(mapping)} frames ({job.mapping}), seed {seed}", flush=True)
+        torch.manual_seed(seed)
         t0 = time.perf_counter()
         scene_map, _ = map_scene(model, mapping, MappingConfig())
         mapping_s = time.perf_counter() - t0
@@ -216,8 +221,8 @@ def evaluate(args: argparse.Namespace) -> int:
             errs = localize_errors(localizer, queries)
             entry = {**summarize(errs), "mapping_s": round(mapping_s), "mapping_split": job.mapping,
                      "mapping_frames": len(mapping), "frames": queries.names, "errs": errs}
-            results[f"{job.scene}/{s}"] = entry
-            print(f"{job.scene}/{s}: {entry['pct5']:g} / {entry['pct10']:g} % within 5 cm,5 deg / 10 cm,10 deg, "
+            results[result_name(job.scene, s, seed)] = entry
+            print(f"{result_name(job.scene, s, seed)}: {entry['pct5']:g} / {entry['pct10']:g} % within 5 cm,5 deg / 10 cm,10 deg, "
                   f"median {entry['median_cm']} cm, no pose {entry['no_pose']} of {entry['n']} "
                   f"(mapping {entry['mapping_s']} s)", flush=True)
             write_json(args.json, out)
@@ -231,7 +236,10 @@ def table(paths: Sequence[Path]) -> str:
         raise ValueError(f"not tuning_scenes results (no 'query_sets'): {', '.join(missing)}")
     results = [f["query_sets"] for f in files]
     known = [f"{job.scene}/{s}" for job in jobs() for s in job.queries]
-    rows = [n for n in known + sorted({n for r in results for n in r} - set(known)) if any(n in r for r in results)]
+    names = {n for r in results for n in r}
+    # Each query set's other seeds right after it, then any set this version does not know.
+    ordered = [m for n in known for m in [n, *sorted(x for x in names if x.startswith(n + "@"))]]
+    rows = [n for n in ordered + sorted(names - set(ordered)) if any(n in r for r in results)]
 
     def cell(e: dict | None) -> str:
         if e is None:
@@ -258,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder holding kitti-odometry-snippets/ and strecha-mvs-gt/ (env ACEG_SHARED_DATA)")
     p.add_argument("--only", nargs="+", metavar="NAME", default=None,
                    help="only the query sets whose name starts with one of these (e.g. room900003 herzjesu/odd)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED",
+                   help="map every scene once per seed (torch.manual_seed before mapping): two maps of one model "
+                        "differ by a frame or two of KITTI's 25, so a choice wants the spread; results of seed N "
+                        "other than 0 are named <scene>/<set>@seedN")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--table", nargs="+", type=Path, metavar="JSON", default=None,
                    help="print a markdown table of these result files instead of evaluating")
@@ -268,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.json is None:
             p.error("--json is required (or --table)")
+        if any(seed < 0 for seed in args.seeds) or len(set(args.seeds)) != len(args.seeds):
+            p.error(f"--seeds must be distinct and >= 0, got {args.seeds}")
         return evaluate(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"{NAME}: {e}", file=sys.stderr)

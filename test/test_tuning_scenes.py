@@ -62,6 +62,18 @@ def test_table_has_a_row_per_query_set_and_a_column_per_file(tmp_path: Path) -> 
     assert kitti.endswith("| 41.7 / 50 %, -, 1 | - |")
     # Rows follow the benchmark's order (KITTI before Herz-Jesu), whatever the files' order.
     assert lines.index(kitti) < lines.index(herz)
+    # A map of another seed (--seeds) follows its query set's row.
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps(_result(**{"kitti06/odd": entry, tuning_scenes.result_name("kitti06", "odd", 1): entry,
+                                       "herzjesu/odd": entry})))
+    rows = [line.split(" |")[0] for line in tuning_scenes.table([c]).splitlines() if line.startswith("| ")][1:]
+    assert rows == ["| kitti06/odd", "| kitti06/odd@seed1", "| herzjesu/odd"]
+
+
+def test_seeds_must_be_distinct_and_not_negative(tmp_path: Path) -> None:
+    for seeds in (["0", "0"], ["-1"]):
+        with pytest.raises(SystemExit):
+            tuning_scenes.main(["--json", str(tmp_path / "out.json"), "--seeds", *seeds])
 
 
 def test_table_refuses_other_json(tmp_path: Path) -> None:

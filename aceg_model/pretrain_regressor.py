@@ -85,10 +85,15 @@ def landmark_draw(scenes: list[CachedScene], landmarks: int, patches: int,
             torch.stack([x[0][:b] for x in qs]), torch.stack([x[1][:b] for x in qs]))
 
 
+def landmark_distances(gt_Sb3: torch.Tensor, landmarks_SL3: torch.Tensor) -> torch.Tensor:
+    """Distances ``S x b x L`` from each patch's true 3D point to every landmark; a patch without
+    one (NaN) is placed 1000 km away, so that no radius reaches it."""
+    return torch.cdist(torch.nan_to_num(gt_Sb3, nan=1e6), landmarks_SL3)
+
+
 def landmark_targets(gt_Sb3: torch.Tensor, landmarks_SL3: torch.Tensor, radius_m: float) -> torch.Tensor:
     """Index of the landmark nearest to each patch's true 3D point, or -100 (ignored) beyond ``radius_m``."""
-    d_SbL = torch.cdist(torch.nan_to_num(gt_Sb3, nan=1e6), landmarks_SL3)
-    dist, idx = d_SbL.min(dim=-1)
+    dist, idx = landmark_distances(gt_Sb3, landmarks_SL3).min(dim=-1)
     return torch.where(dist < radius_m, idx, torch.full_like(idx, -100))
 
 
@@ -154,7 +159,7 @@ def matching_loss(q_SbK: torch.Tensor, keys_SLK: torch.Tensor, gt_Sb3: torch.Ten
     has several within a few cm) do not compete with each other as they would under a
     one-target cross-entropy."""
     logits_SbL = temperature * torch.einsum("sbk,slk->sbl", q_SbK, keys_SLK)
-    near_SbL = torch.cdist(torch.nan_to_num(gt_Sb3, nan=1e6), lm_pos_SL3) < radius_m
+    near_SbL = landmark_distances(gt_Sb3, lm_pos_SL3) < radius_m
     has_Sb = near_SbL.any(dim=-1)
     if not has_Sb.any():
         return logits_SbL.sum() * 0.0
@@ -173,7 +178,7 @@ def matching_quality(model: AcegModel, scenes: list[CachedScene], landmarks: int
     top1, coord, n = 0.0, 0.0, 0
     for cs in scenes:
         lm_f, lm_pos, q_f, gt = landmark_draw([cs], landmarks, patches, gen)
-        near = torch.cdist(torch.nan_to_num(gt, nan=1e6), lm_pos) < radius_m
+        near = landmark_distances(gt, lm_pos) < radius_m
         has = near.any(dim=-1)
         codes = reg.seed_codes(lm_f[0], lm_pos[0]).unsqueeze(0)
         q = reg.queries(q_f)[1]

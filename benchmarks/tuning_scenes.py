@@ -38,8 +38,8 @@ import torch
 from _common import DEFAULT_MODEL, REPO, finish_run, load_model, model_info, run_header, write_json
 
 from aceg_model.datasets import PosedImageDataset, detect_layout, open_dataset
+from aceg_model.evaluate import evaluate_queries
 from aceg_model.frames import Frame
-from aceg_model.geometry import pose_error
 from aceg_model.localizer import Localizer
 from aceg_model.mapping import MappingConfig, map_scene
 from aceg_model.model import pick_device
@@ -145,20 +145,6 @@ def generate(name: str, out_dir: Path) -> None:
     os.replace(partial, out_dir)
 
 
-def localize_errors(localizer: Localizer, queries: Split) -> list[list[float] | None]:
-    """Per query frame [position error cm, rotation error deg], or None where no pose was returned."""
-    errs: list[list[float] | None] = []
-    for i in range(len(queries)):
-        frame = queries[i]
-        result = localizer.localize(frame.image, frame.intrinsics)
-        if result.success:
-            t_m, r_deg = pose_error(result.T_world_cam, frame.T_world_cam)
-            errs.append([100.0 * t_m, r_deg])
-        else:
-            errs.append(None)
-    return errs
-
-
 def summarize(errs: list[list[float] | None]) -> dict:
     """Rates in % of all frames (strictly below the thresholds, as the session scripts), no_pose, median cm."""
     posed = [e for e in errs if e is not None]
@@ -218,7 +204,9 @@ def evaluate(args: argparse.Namespace) -> int:
         localizer = Localizer(model, scene_map, PnPConfig())
         for s in sets:
             queries = open_split(job.data, job.queries[s])
-            errs = localize_errors(localizer, queries)
+            # Per query frame [position error cm, rotation error deg], or None where no pose was returned.
+            errs = [None if r["trans_err_cm"] is None else [r["trans_err_cm"], r["rot_err_deg"]]
+                    for r in evaluate_queries(localizer, queries, desc=result_name(job.scene, s, seed))["frames"]]
             entry = {**summarize(errs), "mapping_s": round(mapping_s), "mapping_split": job.mapping,
                      "mapping_frames": len(mapping), "frames": queries.names, "errs": errs}
             results[result_name(job.scene, s, seed)] = entry

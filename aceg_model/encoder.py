@@ -86,8 +86,12 @@ class Encoder(nn.Module):
         B, _, H, W = image_B1HW.shape
         if H % STRIDE or W % STRIDE:
             raise ValueError(f"image size must be a multiple of {STRIDE} px, got {W}x{H}")
-        x = self.stem(self.normalize(image_B1HW))
-        return self.head(self.blocks(x))  # B, D, H/8, W/8
+        return self.features(self.normalize(image_B1HW))
+
+    def features(self, normalized_B1HW: torch.Tensor) -> torch.Tensor:
+        """``forward`` after ``normalize``: a crop of a normalized image gives the whole image's
+        features there (away from the crop's border) when its origin lies on the stride grid."""
+        return self.head(self.blocks(self.stem(normalized_B1HW)))  # B, D, H/8, W/8
 
 
 def patch_centres(h: int, w: int, device: torch.device | str = "cpu") -> torch.Tensor:

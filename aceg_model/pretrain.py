@@ -29,11 +29,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from aceg_model.encoder import STRIDE
 from aceg_model.losses import ReprojectionLossConfig, coords_nll, info_nce, local_nce, reprojection_nll
 from aceg_model.model import AcegModel, ModelConfig, prepare_image
 from aceg_model.photo_pairs import PhotoPairs
 from aceg_model.pretrain_data import SceneViews, T_cam_map, View, load_views, patch_coords, zoomed_and_rolled
 from aceg_model.safe_files import read_meta
+from aceg_model.scene import correspondences, scene_coords
 
 CHECKPOINT_KIND = "aceg-pretrain-state"
 
@@ -59,6 +61,17 @@ class PretrainConfig:
     local_offsets: int = 8
     local_min_px: float = 3.0
     local_max_px: float = 12.0
+    # Weight of the fine-scale term (fine_crop_loss): in fine_pairs pairs per iteration, matches
+    # within a crop of both views encoded at fine_scale x the working height, where the pixel
+    # refinement compares fine keys, each against the crop's other matches (InfoNCE with near
+    # negatives) and against the features fine_min_px..fine_max_px (working pixels) beside it. 0: off.
+    w_fine: float = 0.0
+    fine_scale: int = 3
+    fine_pairs: int = 2
+    fine_crop_px: int = 64  # crop side in working pixels (both views)
+    fine_points: int = 64
+    fine_min_px: float = 1.5
+    fine_max_px: float = 6.0
     # The second view of a pair is, with this probability, zoomed by a factor in
     # [1/zoom_max, zoom_max] and rolled by up to roll_max_deg (pretrain_data.zoomed_and_rolled):
     # scale and in-plane rotation beyond those of the rendered camera paths. 0: off.
@@ -100,6 +113,10 @@ class PretrainConfig:
             raise ValueError("wide_pair_prob must be in [0, 1] and 0 <= wide_min_deg < wide_max_deg <= 180")
         if self.w_local < 0 or self.local_offsets < 1 or not 0 < self.local_min_px <= self.local_max_px:
             raise ValueError("w_local must be >= 0, local_offsets >= 1 and 0 < local_min_px <= local_max_px")
+        if self.w_fine < 0 or self.fine_scale < 1 or self.fine_pairs < 1 or self.fine_points < 16 \
+                or not 0 < self.fine_min_px <= self.fine_max_px or self.fine_crop_px < 4 * self.fine_max_px:
+            raise ValueError("w_fine must be >= 0, fine_scale and fine_pairs >= 1, fine_points >= 16, "
+                             "0 < fine_min_px <= fine_max_px and fine_crop_px >= 4 * fine_max_px")
         if not 0 <= self.photo_pair_prob <= 1:
             raise ValueError("photo_pair_prob must be in [0, 1]")
         if self.photo_pair_prob > 0 and self.regresses:
@@ -254,6 +271,60 @@ def correspondence_loss(feats_BDhw, prepared, views: list[View], cfg: PretrainCo
     return torch.stack(nces).mean(), torch.stack(locals_).mean() if locals_ else None
 
 
+def fine_crop(image_1HW: torch.Tensor, centre_px: np.ndarray, side: int) -> tuple[torch.Tensor, np.ndarray]:
+    """A ``side`` x ``side`` crop of a normalized fine image about ``centre_px``, its origin on the
+    encoder's stride grid (so its features are the whole image's) and inside the image."""
+    H, W = image_1HW.shape[-2:]
+    origin = np.floor((np.asarray(centre_px) - side / 2) / STRIDE) * STRIDE
+    origin = np.clip(origin, 0, [W - side, H - side]).astype(int)
+    return image_1HW[:, origin[1]:origin[1] + side, origin[0]:origin[0] + side], origin
+
+
+def fine_crop_loss(model, a: View, b: View, cfg: PretrainConfig, rng: np.random.Generator) -> torch.Tensor | None:
+    """The fine-scale term of one view pair: both views encoded at ``cfg.fine_scale`` x the working
+    height, as the pixel refinement encodes a query and mapping encodes its fine keys, in a crop of
+    ``cfg.fine_crop_px`` working pixels about one match; the matches drawn inside A's crop whose
+    neighbourhood lies inside B's, each against the crop's other matches (InfoNCE) and against
+    B's features ``cfg.fine_min_px..cfg.fine_max_px`` beside it (local_nce). None without
+    ``cfg.fine_points // 4`` such matches. Views are rendered at the working resolution."""
+    s, side = cfg.fine_scale, cfg.fine_crop_px * cfg.fine_scale
+    height = cfg.model.image_height * s
+    if side > min(height, round(a.intrinsics.width * s)):
+        return None
+    anchor_a, anchor_b = correspondences(a, b, 1, rng, candidates=256)
+    if not len(anchor_a):
+        return None
+    device = next(model.parameters()).device
+    images = [model.encoder.normalize(prepare_image(v.image, v.intrinsics, height)[0][None].to(device))[0]
+              for v in (a, b)]
+    crop_a, origin_a = fine_crop(images[0], (anchor_a[0] + 0.5) * s - 0.5, side)
+    crop_b, origin_b = fine_crop(images[1], (anchor_b[0] + 0.5) * s - 0.5, side)
+    # Draw matches only among A's pixels inside its crop (a working-pixel margin of 2).
+    coords = scene_coords(a).copy()
+    inside = np.zeros(coords.shape[:2], bool)
+    lo, hi = (origin_a + 0.5) / s - 0.5 + 2, (origin_a + side + 0.5) / s - 0.5 - 2
+    inside[int(np.ceil(lo[1])):int(np.floor(hi[1])) + 1, int(np.ceil(lo[0])):int(np.floor(hi[0])) + 1] = True
+    coords[~inside] = np.nan
+    uv_a, uv_b = correspondences(replace(a, meta={**a.meta, "scene_coords": coords}), b, 2 * cfg.fine_points, rng)
+    # Fine pixels in crop coordinates; B's offsets must stay inside B's crop.
+    fa_px = (uv_a + 0.5) * s - 0.5 - origin_a
+    fb_px = (uv_b + 0.5) * s - 0.5 - origin_b
+    reach = (cfg.fine_max_px + 1) * s
+    ok = ((fb_px >= reach) & (fb_px <= side - 1 - reach)).all(1)
+    fa_px, fb_px = fa_px[ok][:cfg.fine_points], fb_px[ok][:cfg.fine_points]
+    if len(fa_px) < cfg.fine_points // 4:
+        return None
+    feats = model.encoder.features(torch.stack([crop_a, crop_b]))
+    fa = bilinear(feats[0], fa_px, None)
+    fb = bilinear(feats[1], fb_px, None)
+    n, k = len(fb_px), cfg.local_offsets
+    turn = rng.uniform(0, 2 * np.pi, (n, 1)) + np.arange(k) * 2 * np.pi / k
+    radius = s * rng.uniform(cfg.fine_min_px, cfg.fine_max_px, (n, k))
+    around = fb_px[:, None] + radius[..., None] * np.stack([np.cos(turn), np.sin(turn)], -1)
+    beside = bilinear(feats[1], around.reshape(-1, 2), None).reshape(n, k, -1)
+    return info_nce(fa, fb) + local_nce(fa, torch.cat([fb[:, None], beside], 1))
+
+
 def bilinear(feats_Dhw: torch.Tensor, uv_N2: np.ndarray, K) -> torch.Tensor:
     """Features at working-resolution pixels ``uv`` (patch centre (8j+3.5) maps to cell j)."""
     D, h, w = feats_Dhw.shape
@@ -341,6 +412,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
     code_opts = [torch.optim.Adam([c], lr=cfg.code_lr) for c in pool.codes]
     rng = np.random.default_rng(cfg.seed * 7919 + rank)
     local_rng = np.random.default_rng([cfg.seed, rank, 1])  # the local loss's offsets only
+    fine_rng = np.random.default_rng([cfg.seed, rank, 2])  # the fine term's crops and matches only
     loss_cfg = ReprojectionLossConfig()
     log_path = out_dir / "pretrain_log.jsonl"
     # The parameters every rank trains: an encoder-only run leaves the regressor without gradients.
@@ -372,7 +444,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
             views = [warped(v, cfg, rng) if k % 2 else v for k, v in enumerate(views)]
             # Query iterations see codes as constants: only the network learns to generalize.
             codes = [pool.codes[i] if phase == "mapping" else pool.codes[i].detach() for i in slots]
-            l_coords = l_reproj = l_nce = l_local = feats = prepared = None
+            l_coords = l_reproj = l_nce = l_local = l_fine = feats = prepared = None
             terms: list[torch.Tensor] = []
             stats: dict = {}
             if cfg.regresses:
@@ -388,6 +460,16 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
             if matched is not None:
                 l_nce, l_local = matched
                 terms.append(cfg.w_nce * (l_nce if l_local is None else l_nce + cfg.w_local * l_local))
+            if cfg.w_fine > 0:
+                # The first fine_pairs pairs that overlap (about half of the drawn pairs do not).
+                fine = []
+                for j in range(len(views) // 2):
+                    if len(fine) < cfg.fine_pairs:
+                        f = fine_crop_loss(model, views[2 * j], views[2 * j + 1], cfg, fine_rng)
+                        fine += [] if f is None else [f]
+                if fine:
+                    l_fine = torch.stack(fine).mean()
+                    terms.append(cfg.w_fine * l_fine)
             if not terms and world == 1:  # too few valid patches or correspondences in this draw
                 continue
             opt.zero_grad(set_to_none=True)
@@ -407,7 +489,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
             if phase == "mapping":
                 for i in slots:
                     code_opts[i].step()
-            named = (("coords", l_coords), ("reproj", l_reproj), ("nce", l_nce), ("local", l_local))
+            named = (("coords", l_coords), ("reproj", l_reproj), ("nce", l_nce), ("local", l_local), ("fine", l_fine))
             log[phase] = {"loss": loss.item(), **{k: None if v is None else v.item() for k, v in named}, **stats}
         for i in slots:
             pool.uses[i] += 1
@@ -477,6 +559,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--w-local", type=float, default=PretrainConfig.w_local,
                    help="weight of the local correspondence loss: each match against the features "
                    "--local-min-px..--local-max-px beside it (0: off)")
+    p.add_argument("--w-fine", type=float, default=PretrainConfig.w_fine,
+                   help="weight of the fine-scale term: matches in crops of both views encoded at "
+                   "--fine-scale x the working height, against near matches and the features beside them (0: off)")
+    p.add_argument("--fine-scale", type=int, default=PretrainConfig.fine_scale,
+                   help="the fine term's encoding scale (the pixel refinement's: 3)")
     p.add_argument("--local-min-px", type=float, default=PretrainConfig.local_min_px,
                    help="least distance of the local loss's neighbours (working pixels)")
     p.add_argument("--local-max-px", type=float, default=PretrainConfig.local_max_px,
@@ -498,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
                              zoom_max=args.zoom_max, roll_max_deg=args.roll_max_deg,
                              wide_pair_prob=args.wide_pair_prob, wide_min_deg=args.wide_min_deg,
                              wide_max_deg=args.wide_max_deg, photo_pair_prob=args.photo_pair_prob,
-                             w_local=args.w_local, local_min_px=args.local_min_px, local_max_px=args.local_max_px)
+                             w_local=args.w_local, local_min_px=args.local_min_px, local_max_px=args.local_max_px,
+                             w_fine=args.w_fine, fine_scale=args.fine_scale)
     except ValueError as e:
         p.error(str(e))
     path = pretrain(cfg, args.out, resume=not args.no_resume,

@@ -2,7 +2,7 @@
 # Continued pre-training of a model's encoder by the correspondence loss alone, then the
 # regressor's query projection refitted to the new features: the recipe behind the latest
 # models/aceg_small.safetensors (models/README.md, "Stage 1b" and "Stage 1c").
-#   [BANK_FIRST_SEED=S] [WARP_PROB=P] [WIDE_PROB=P] [PHOTO_PROB=P] [LOCAL_W=W] ./scripts/continue_pretrain_cpu.sh INIT OUT [STEPS] [SEED]
+#   [BANK_FIRST_SEED=S] [WARP_PROB=P] [WIDE_PROB=P] [PHOTO_PROB=P] [LOCAL_W=W] [FINE_W=W] ./scripts/continue_pretrain_cpu.sh INIT OUT [STEPS] [SEED]
 # INIT: the model to continue from; OUT/model.safetensors is the encoder run's output and
 # OUT/pca/model.safetensors the model to use. The bank (170 generated scenes from seed
 # BANK_FIRST_SEED, default 3000; the few without a camera path are skipped) is rendered into
@@ -12,7 +12,9 @@
 # (default 0): the probability that a pair is drawn among those that see the same surfaces
 # 20-60 degrees apart. PHOTO_PROB (default 0): the probability that a pair is two views of a real
 # photo on a plane (aceg_model/photo_pairs.py). LOCAL_W (default 0): the weight of the local
-# correspondence loss (each match against the features 3-12 px beside it).
+# correspondence loss (each match against the features 3-12 px beside it). FINE_W (default 0): the
+# weight of the fine-scale term (matches in crops encoded at 3x the working height, where the pixel
+# refinement works; aceg_model/pretrain.py, fine_crop_loss).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 INIT="${1:?usage: continue_pretrain_cpu.sh INIT OUT [STEPS] [SEED]}"
@@ -24,6 +26,7 @@ WARP_PROB="${WARP_PROB:-0}"
 WIDE_PROB="${WIDE_PROB:-0}"
 PHOTO_PROB="${PHOTO_PROB:-0}"
 LOCAL_W="${LOCAL_W:-0}"
+FINE_W="${FINE_W:-0}"
 BANK="runs/bank-$BANK_FIRST_SEED"
 mkdir -p "$OUT"
 python -m aceg_model.pretrain_data "$BANK" --first-seed "$BANK_FIRST_SEED" --count 170 --mapping-frames 32 \
@@ -34,7 +37,7 @@ sleep 20  # the first scenes; training waits for more as it needs them
 python -m aceg_model.pretrain --out "$OUT" --steps "$STEPS" --scenes-in-pool 8 --scene-uses 100 --bank "$BANK" \
   --init "$INIT" --lr 1e-4 --w-coords 0 --w-reproj 0 --seed "$SEED" --warp-prob "$WARP_PROB" \
   --wide-pair-prob "$WIDE_PROB" --photo-pair-prob "$PHOTO_PROB" \
-  --w-local "$LOCAL_W"
+  --w-local "$LOCAL_W" --w-fine "$FINE_W"
 wait "$BANK_PID"
 trap - EXIT
 python -m aceg_model.pretrain_data runs/bank8 --first-seed 0 --count 8

@@ -11,8 +11,8 @@ import torch
 
 from aceg_model.losses import local_nce
 from aceg_model.model import AcegModel, ModelConfig
-from aceg_model.pretrain import (PretrainConfig, ScenePool, average_gradients, cosine_lr, pretrain,
-                                  synced_elapsed)
+from aceg_model.pretrain import (PretrainConfig, ScenePool, average_gradients, cosine_lr, fine_crop, fine_crop_loss,
+                                  pretrain, synced_elapsed)
 from aceg_model.frames import Frame, Intrinsics
 from aceg_model.pretrain_data import (SceneViews, load_views, pair_angles, render_bank, save_views,
                                      zoomed_and_rolled)
@@ -201,6 +201,66 @@ def test_the_local_loss_is_added_to_the_infonce_on_the_same_draws(bank: Path, tm
         common["w_nce"] * (logs[1.0]["mapping"]["nce"] + logs[1.0]["mapping"]["local"]), rel=1e-5)
 
 
+def test_a_crop_on_the_stride_grid_has_the_whole_images_features_away_from_its_border() -> None:
+    torch.manual_seed(0)
+    encoder = AcegModel(TINY).encoder.eval()
+    image = torch.rand(1, 1, 192, 256)
+    normalized = encoder.normalize(image)
+    with torch.no_grad():
+        whole = encoder.features(normalized)[0]
+        crop, origin = fine_crop(normalized[0], np.array([150.0, 90.0]), 128)
+        part = encoder.features(crop[None])[0]
+    assert tuple(origin) == (80, 24)  # floor((150 - 64) / 8) * 8, floor((90 - 64) / 8) * 8
+    # The encoder sees 111 px around a cell: cells 56 px inside the crop see none of its border.
+    oy, ox = origin[1] // 8, origin[0] // 8
+    assert torch.allclose(part[:, 7:9, 7:9], whole[:, oy + 7:oy + 9, ox + 7:ox + 9], atol=1e-5)
+    assert not torch.allclose(part[:, 0, 0], whole[:, oy, ox], atol=1e-3)  # the border does differ
+    # A crop asked for near the image's edge stays inside it.
+    _, origin = fine_crop(normalized[0], np.array([250.0, 3.0]), 128)
+    assert tuple(origin) == (128, 0)
+
+
+def test_the_fine_term_trains_the_encoder_to_place_matches_in_a_crop(bank: Path) -> None:
+    torch.manual_seed(1)
+    model = AcegModel(TINY)
+    cfg = PretrainConfig(model=TINY, w_coords=0.0, w_reproj=0.0, w_fine=1.0, fine_points=32)
+    scene = load_views(sorted(bank.glob("*.npz"))[0])
+    a = scene.mapping[0]
+    b = zoomed_and_rolled(a, 1.1, 10.0)
+
+    def loss() -> torch.Tensor:
+        value = fine_crop_loss(model, a, b, cfg, np.random.default_rng(3))  # the same crops and matches
+        assert value is not None and torch.isfinite(value)
+        return value
+
+    opt = torch.optim.Adam(model.encoder.parameters(), lr=1e-3)
+    start = loss().item()
+    for _ in range(25):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    # InfoNCE among up to 32 matches plus the local term among 9: a fresh encoder is near chance.
+    assert start > 0.5 * (np.log(8) + np.log(9))
+    assert loss().item() < 0.6 * start
+
+
+def test_the_fine_term_is_added_to_the_infonce_on_the_same_draws(bank: Path, tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    AcegModel(TINY).save(tmp_path / "start.safetensors")
+    common = dict(steps=1, scenes_in_pool=2, scenes_per_step=2, patches_per_view=32, nce_points=64,
+                  render_height=64, log_every=1, bank=str(bank), init=str(tmp_path / "start.safetensors"),
+                  w_coords=0.0, w_reproj=0.0, w_nce=0.5, lr=1e-3, fine_points=32)
+    logs = {}
+    for w in (0.0, 0.5):
+        pretrain(PretrainConfig(**common, w_fine=w), tmp_path / f"run{w}", resume=False)
+        logs[w] = json.loads((tmp_path / f"run{w}" / "pretrain_log.jsonl").read_text().splitlines()[0])
+    # The fine term draws its crops from its own random stream: the same views and matches.
+    assert logs[0.5]["mapping"]["nce"] == pytest.approx(logs[0.0]["mapping"]["nce"], abs=1e-6)
+    assert logs[0.0]["mapping"]["fine"] is None and logs[0.5]["mapping"]["fine"] > 0
+    assert logs[0.5]["mapping"]["loss"] == pytest.approx(
+        0.5 * logs[0.5]["mapping"]["nce"] + 0.5 * logs[0.5]["mapping"]["fine"], rel=1e-5)
+
+
 def test_pretrain_refuses_bad_loss_weights() -> None:
     with pytest.raises(ValueError, match="loss weights"):
         PretrainConfig(w_coords=0.0, w_reproj=0.0, w_nce=0.0)
@@ -220,6 +280,10 @@ def test_pretrain_refuses_bad_loss_weights() -> None:
         PretrainConfig(w_local=-1.0)
     with pytest.raises(ValueError, match="local_min_px"):
         PretrainConfig(local_min_px=8.0, local_max_px=4.0)
+    with pytest.raises(ValueError, match="w_fine"):
+        PretrainConfig(w_fine=-0.5)
+    with pytest.raises(ValueError, match="fine_crop_px"):
+        PretrainConfig(w_fine=1.0, fine_crop_px=16, fine_max_px=6.0)
 
 
 def test_pretrain_cli_refuses_a_missing_init_file_and_bad_weights(tmp_path: Path, capsys) -> None:

@@ -259,16 +259,21 @@ def correspondence_loss(feats_BDhw, prepared, views: list[View], cfg: PretrainCo
         fb = bilinear(feats_BDhw[a + 1], uv_b, Kb)
         nces.append(info_nce(fa, fb))
         if cfg.w_local > 0:
-            # The match and, around it in b, offsets in evenly turned directions at random radii.
-            n, k = len(uv_b), cfg.local_offsets
-            turn = local_rng.uniform(0, 2 * np.pi, (n, 1)) + np.arange(k) * 2 * np.pi / k
-            radius = local_rng.uniform(cfg.local_min_px, cfg.local_max_px, (n, k))
-            around = uv_b[:, None] + radius[..., None] * np.stack([np.cos(turn), np.sin(turn)], -1)
-            beside = bilinear(feats_BDhw[a + 1], around.reshape(-1, 2), Kb).reshape(n, k, -1)
+            around = ring_around(uv_b, cfg.local_offsets, cfg.local_min_px, cfg.local_max_px, local_rng)
+            beside = bilinear(feats_BDhw[a + 1], around.reshape(-1, 2), Kb).reshape(len(uv_b), cfg.local_offsets, -1)
             locals_.append(local_nce(fa, torch.cat([fb[:, None], beside], 1)))
     if not nces:
         return None
     return torch.stack(nces).mean(), torch.stack(locals_).mean() if locals_ else None
+
+
+def ring_around(uv_N2: np.ndarray, k: int, min_px: float, max_px: float, rng: np.random.Generator) -> np.ndarray:
+    """``N x k x 2`` points around each of ``uv``: k evenly turned directions (a random turn per
+    point), each at a random radius in [min_px, max_px]; the local losses' negatives."""
+    n = len(uv_N2)
+    turn = rng.uniform(0, 2 * np.pi, (n, 1)) + np.arange(k) * 2 * np.pi / k
+    radius = rng.uniform(min_px, max_px, (n, k))
+    return uv_N2[:, None] + radius[..., None] * np.stack([np.cos(turn), np.sin(turn)], -1)
 
 
 def fine_crop(image_1HW: torch.Tensor, centre_px: np.ndarray, side: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -317,11 +322,8 @@ def fine_crop_loss(model, a: View, b: View, cfg: PretrainConfig, rng: np.random.
     feats = model.encoder.features(torch.stack([crop_a, crop_b]))
     fa = bilinear(feats[0], fa_px, None)
     fb = bilinear(feats[1], fb_px, None)
-    n, k = len(fb_px), cfg.local_offsets
-    turn = rng.uniform(0, 2 * np.pi, (n, 1)) + np.arange(k) * 2 * np.pi / k
-    radius = s * rng.uniform(cfg.fine_min_px, cfg.fine_max_px, (n, k))
-    around = fb_px[:, None] + radius[..., None] * np.stack([np.cos(turn), np.sin(turn)], -1)
-    beside = bilinear(feats[1], around.reshape(-1, 2), None).reshape(n, k, -1)
+    around = ring_around(fb_px, cfg.local_offsets, s * cfg.fine_min_px, s * cfg.fine_max_px, rng)
+    beside = bilinear(feats[1], around.reshape(-1, 2), None).reshape(len(fb_px), cfg.local_offsets, -1)
     return info_nce(fa, fb) + local_nce(fa, torch.cat([fb[:, None], beside], 1))
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Continued pre-training of a model's encoder by the correspondence loss alone, then the
 # regressor's query projection refitted to the new features: the recipe behind the latest
-# models/aceg_small.safetensors (models/README.md, "Stage 1b" and "Stage 1c").
+# models/aceg_small.safetensors (models/README.md, "Stage 1b", "Stage 1c" and "Stage 1f";
+# stage 1f: BANK_FIRST_SEED=5000 WARP_PROB=0.5 FINE_W=0.5 from stage 1c).
 #   [BANK_FIRST_SEED=S] [WARP_PROB=P] [WIDE_PROB=P] [PHOTO_PROB=P] [LOCAL_W=W] [FINE_W=W] ./scripts/continue_pretrain_cpu.sh INIT OUT [STEPS] [SEED]
 # INIT: the model to continue from; OUT/model.safetensors is the encoder run's output and
 # OUT/pca/model.safetensors the model to use. The bank (170 generated scenes from seed

@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if any(s.startswith("generated") for s in args.sets) and len(list(args.bank.glob("scene-*[0-9].npz"))) < 8:
+    # Every set needs the bank: the photo sets take their camera from its first scene.
+    if len(list(args.bank.glob("scene-*[0-9].npz"))) < 8:
         print(f"rendering the generated scenes of seeds 0-7 into {args.bank} (about a minute)", flush=True)
         render_bank(args.bank, 0, 8)
     out = {**run_header(NAME, args, device), "models": [model_info(m, p) for p, m in models], "results": {}}

@@ -466,9 +466,10 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
                 # The first fine_pairs pairs that overlap (about half of the drawn pairs do not).
                 fine = []
                 for j in range(len(views) // 2):
-                    if len(fine) < cfg.fine_pairs:
-                        f = fine_crop_loss(model, views[2 * j], views[2 * j + 1], cfg, fine_rng)
-                        fine += [] if f is None else [f]
+                    f = fine_crop_loss(model, views[2 * j], views[2 * j + 1], cfg, fine_rng)
+                    fine += [] if f is None else [f]
+                    if len(fine) == cfg.fine_pairs:
+                        break
                 if fine:
                     l_fine = torch.stack(fine).mean()
                     terms.append(cfg.w_fine * l_fine)

@@ -35,8 +35,9 @@ import torch.nn.functional as F
 
 from _common import REPO, default_json, finish_run, load_model, model_info, run_header
 
-from aceg_model.landmarks import patch_grid_coords, scaled_pixels
+from aceg_model.landmarks import scaled_pixels
 from aceg_model.pixel_refinement import encode_fine, refine_pixels
+from aceg_model.pretrain import bilinear
 from aceg_model.pretrain_data import View, load_views, render_bank
 from aceg_model.scene import correspondences
 
@@ -86,10 +87,7 @@ def draw_pairs(name: str, bank: Path, n: int) -> list[tuple[View, View]]:
 
 def keys_at(grid_PK: torch.Tensor, hw: tuple[int, int], fine_px_N2: torch.Tensor) -> torch.Tensor:
     """Unit fine keys at fine-grid pixels, bilinearly interpolated (as mapping takes them)."""
-    g, _ = patch_grid_coords(fine_px_N2, hw)
-    h, w = hw
-    grid = torch.stack([(g[:, 0] + 0.5) / w * 2 - 1, (g[:, 1] + 0.5) / h * 2 - 1], -1).view(1, 1, -1, 2)
-    return F.normalize(F.grid_sample(grid_PK.T.reshape(1, -1, h, w), grid, align_corners=False)[0, :, 0].T, dim=1)
+    return F.normalize(bilinear(grid_PK.T.reshape(-1, *hw), fine_px_N2, None), dim=1)
 
 
 @torch.no_grad()
@@ -98,14 +96,15 @@ def pair_errors(model, a: View, b: View, rng: np.random.Generator) -> tuple[np.n
     uv_a, uv_b = correspondences(a, b, 256, rng)
     if len(uv_a) < 16:
         return np.zeros(0), np.zeros(0)
-    to_working = 240 / a.intrinsics.height
+    working = model.config.image_height
+    to_working = working / a.intrinsics.height
     ua = scaled_pixels(torch.as_tensor(uv_a, dtype=torch.float32), to_working)
     ub = scaled_pixels(torch.as_tensor(uv_b, dtype=torch.float32), to_working)
     grid_a, hw_a, _ = encode_fine(model, a.image, a.intrinsics, SCALE)
     grid_b, hw_b, _ = encode_fine(model, b.image, b.intrinsics, SCALE)
     keys = keys_at(grid_a, hw_a, scaled_pixels(ua, SCALE))
     start = ub + torch.as_tensor(rng.uniform(-START_PX, START_PX, ub.shape), dtype=torch.float32)
-    W, H = 240 * a.intrinsics.width / a.intrinsics.height, 240
+    W, H = working * a.intrinsics.width / a.intrinsics.height, working
     margin = WINDOW_PX + 2  # the whole window inside the image
     ok = ((start[:, 0] >= margin) & (start[:, 0] <= W - 1 - margin) & (start[:, 1] >= margin)
           & (start[:, 1] <= H - 1 - margin))

@@ -9,6 +9,7 @@ measure generalization without new data.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -124,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-query", type=int, default=None, help="evaluate only every n-th query so at most this many")
     p.add_argument("--perturb", nargs="*", choices=PERTURBATIONS, default=None,
                    help="also evaluate under these photometric changes (none given: all)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also map the same frames with the ACE-style MLP head on the same encoder (every "
+                        "correspondence, the same iterations) and report both side by side; its results go "
+                        "under 'baseline' in the JSON")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--json", type=Path, required=True, help="output JSON path")
     args = p.parse_args(argv)
@@ -133,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--sweep-scale must be in 1..{MAX_SWEEP_SCALE}, got {args.sweep_scale}")
     if not 0 <= args.resolve_min_support <= 1:
         p.error(f"--resolve-min-support must be in [0, 1] (0 = off), got {args.resolve_min_support}")
+    if args.baseline and args.method == "ace":
+        p.error("--baseline compares ACE-G against the ACE-style head; use it with --method aceg")
     if not args.visit_window >= 0:
         p.error(f"--visit-window must be >= 0 s (0 = off), got {args.visit_window}")
 
@@ -161,15 +168,35 @@ def main(argv: list[str] | None = None) -> int:
     pnp = PnPConfig(top_k=args.top_k or None, refine_pixels=not args.no_refine_pixels, refine_bf16=args.refine_bf16,
                     photometric_refinement=not args.no_photometric, seed_ray_depth_sigma=args.seed_ray_sigma,
                     resolve_min_support=args.resolve_min_support, map_floor=not args.no_map_floor)
+    result, header = run_method(args, model, device, mapping, queries, args.method, pnp, args.map)
+    if args.baseline:
+        # The ACE-style head keeps every correspondence: its uncertainties do not rank them
+        # (models/README.md), and a top-k would only take inliers away from it.
+        result["baseline"], base_header = run_method(args, model, device, mapping, queries, "ace",
+                                                     dataclasses.replace(pnp, top_k=None), None)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    print_result(result, header)
+    if args.baseline:
+        print_result(result["baseline"], base_header)
+        print_side_by_side(result)
+    return 0
+
+
+def run_method(args: argparse.Namespace, model: AcegModel, device, mapping, queries, method: str, pnp: PnPConfig,
+               map_file: Path | None) -> tuple[dict, list[str]]:
+    """Map (or load ``map_file``) with one method, then localize every query, perturbed as asked.
+
+    Returns the JSON result and the lines that introduce it in the printout."""
     torch.manual_seed(0)
     t0 = time.perf_counter()
     pose_check, lens_estimate, consistency = None, None, None
-    if args.map:
-        scene_map = SceneMap.load(args.map, model)
+    if map_file:
+        scene_map = SceneMap.load(map_file, model)
         mapping_seconds = 0.0
     else:
-        progress, bar = progress_bar(args.iterations, f"mapping ({args.method})")
-        config = mapping_config(method=args.method, iterations=args.iterations, batch_patches=args.batch_patches,
+        progress, bar = progress_bar(args.iterations, f"mapping ({method})")
+        config = mapping_config(method=method, iterations=args.iterations, batch_patches=args.batch_patches,
                                 sweep_seeds=not args.fixed_depth_seeds, sweep_scale=args.sweep_scale,
                                 photo_depth=not args.no_photo_depth, estimate_lens=not args.no_lens_estimate,
                                 estimate_mount=not args.no_mount_estimate,
@@ -178,11 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
         pose_check, lens_estimate, consistency = report.pose_check, report.lens, report.consistency
         mapping_seconds = time.perf_counter() - t0
-        if args.save_map:
+        if args.save_map and method == args.method:
             scene_map.save(args.save_map)
     localizer = Localizer(model, scene_map, pnp)
-    result = {"method": args.method, "data": str(args.data), "model": str(args.model), "device": str(device),
+    result = {"method": method, "data": str(args.data), "model": str(args.model), "device": str(device),
               "n_mapping": len(mapping), "mapping_seconds": mapping_seconds,
+              "top_k": pnp.top_k,
               "refine_pixels": localizer.refines_pixels, "photometric": localizer.refines_photometrically,
               "lens": None if scene_map.lens is None else scene_map.lens.to_meta(),
               "lens_estimate": None if lens_estimate is None else lens_summary(lens_estimate),
@@ -193,15 +221,21 @@ def main(argv: list[str] | None = None) -> int:
               "solve_in_visit": localizer.solves_in_visit,
               "seed_ray_depth_sigma": localizer.pnp.seed_ray_depth_sigma if localizer.refines_along_seed_rays else 0.0,
               "resolve_min_support": localizer.pnp.resolve_min_support}
-    result.update(evaluate_queries(localizer, queries))
+    result.update(evaluate_queries(localizer, queries, desc=f"localize ({method})"))
     if args.perturb is not None:
         result["perturbed"] = {}
         for name in args.perturb or PERTURBATIONS:
-            r = evaluate_queries(localizer, queries, name, desc=name)
-            result["perturbed"][name] = r
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
-    rows = [("as recorded", result)] + [(k, v) for k, v in result.get("perturbed", {}).items()]
+            result["perturbed"][name] = evaluate_queries(localizer, queries, name, desc=f"{name} ({method})")
+    header = [f"{method}: mapping {mapping_seconds:.0f} s, {len(queries)} queries, {describe(localizer, scene_map)}"]
+    if pose_check is not None:
+        header.append(f"  {pose_check_summary(pose_check)}")
+    if not map_file:
+        header.append(f"  visits: {consistency_summary(consistency)}")
+    return result, header
+
+
+def describe(localizer: Localizer, scene_map: SceneMap) -> str:
+    """One line on how the poses were made: the localizer's steps and the map's camera."""
     refined = "pixels refined within their patches" if localizer.refines_pixels else "patch-centre pixels"
     if localizer.refines_photometrically:
         refined += ", poses refined on the landmarks' grey windows"
@@ -217,18 +251,31 @@ def main(argv: list[str] | None = None) -> int:
                  f"lens distortion k1={lens.distortion.k1:.3f} k2={lens.distortion.k2:.3f} removed")
     if lens is not None and not lens.mount.is_identity:
         lens_text += f", {mount_summary(lens.mount)} corrected"
-    print(f"{args.method}: mapping {mapping_seconds:.0f} s, {len(queries)} queries, {refined}, {lens_text}")
-    if pose_check is not None:
-        print(f"  {pose_check_summary(pose_check)}")
-    if not args.map:
-        print(f"  visits: {consistency_summary(consistency)}")
-    for name, r in rows:
+    return f"{refined}, {lens_text}"
+
+
+def conditions(result: dict) -> list[tuple[str, dict]]:
+    """(name, metrics) for the recorded queries and each photometric change."""
+    return [("as recorded", result)] + list(result.get("perturbed", {}).items())
+
+
+def print_result(result: dict, header: list[str]) -> None:
+    print("\n".join(header))
+    for name, r in conditions(result):
         print(f"  {name:12s} 5cm/5deg {r['pct_5cm_5deg']:5.1f}%  10cm/10deg {r['pct_10cm_10deg']:5.1f}%  "
               f"median {r['median_trans_cm']:.1f} cm / {r['median_rot_deg']:.2f} deg  failed {r['n_failed']}  "
               f"first solve kept {r['n_first_solve_kept']}  "
               f"position error within the covariance's 95 % bound {r['pct_nees_trans_within_95']:.0f}%  "
               f"{r['localize_ms_mean']:.0f} ms/frame")
-    return 0
+
+
+def print_side_by_side(result: dict) -> None:
+    """The issue's comparison: each method's 5cm/5deg / 10cm/10deg rates per condition."""
+    base = result["baseline"]
+    print(f"\n  {'':12s} {result['method']:>16s} {base['method'] + ' (MLP head)':>18s}")
+    for (name, r), (_, b) in zip(conditions(result), conditions(base)):
+        print(f"  {name:12s} {r['pct_5cm_5deg']:6.1f} / {r['pct_10cm_10deg']:5.1f}% "
+              f"{b['pct_5cm_5deg']:8.1f} / {b['pct_10cm_10deg']:5.1f}%")
 
 
 if __name__ == "__main__":

@@ -301,3 +301,32 @@ def test_aceg_eval_reuses_a_saved_map_and_reports_accuracy(mapped, tmp_path: Pat
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(args + ["--sweep-scale", "0"])
     assert exit_info.value.code == 2 and "--sweep-scale must be in 1..4" in capsys.readouterr().err
+
+
+def test_aceg_eval_baseline_maps_the_mlp_head_beside_aceg(mapped, tmp_path: Path, capsys) -> None:
+    """``aceg-eval --baseline``: one run reports ACE-G (from its saved map) and the ACE-style head
+    (mapped here from the same frames, every correspondence) on the same queries and conditions."""
+    from aceg_model import evaluate
+    from aceg_model.scene.cli import write_scene
+
+    model, scene_map, _, scene = mapped
+    folder = write_scene(scene, tmp_path / "scene")
+    map_file = tmp_path / "scene.map.safetensors"
+    scene_map.save(map_file)
+    out = tmp_path / "eval.json"
+    args = ["--data", str(folder), "--map", str(map_file), "--model", str(CHECKPOINT), "--device", "cpu",
+            "--query-list", "query-lighting", "--perturb", "darker", "--max-query", "3", "--iterations", "20",
+            "--json", str(out)]
+    assert evaluate.main(args + ["--baseline"]) == 0
+    result = json.loads(out.read_text())
+    base = result["baseline"]
+    assert (result["method"], base["method"]) == ("aceg", "ace")
+    assert result["top_k"] == PnPConfig.top_k and base["top_k"] is None
+    assert result["mapping_seconds"] == 0.0 and base["mapping_seconds"] > 0.0  # the head was mapped here
+    assert result["n_query"] == base["n_query"] == 3 and set(base["perturbed"]) == {"darker"}
+    assert [f["name"] for f in base["frames"]] == [f["name"] for f in result["frames"]]
+    printed = capsys.readouterr().out
+    assert "ace (MLP head)" in printed and printed.count("darker") >= 3  # each method's rows and the table
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(args + ["--baseline", "--method", "ace"])
+    assert exit_info.value.code == 2 and "use it with --method aceg" in capsys.readouterr().err

@@ -263,19 +263,27 @@ def test_position_consistency_is_the_normalized_squared_error() -> None:
     assert summary == {"nees_trans_median": 4.0, "pct_nees_trans_within_95": 75.0}
 
 
+def eval_args_on_saved_map(mapped, tmp_path: Path) -> tuple[list[str], Path]:
+    """``aceg-eval`` arguments for the fixture's scene written as a posed folder, with its map saved
+    (lighting queries, 'darker' as well), and the JSON path to pass."""
+    from aceg_model.scene.cli import write_scene
+
+    _, scene_map, _, scene = mapped
+    folder = write_scene(scene, tmp_path / "scene")
+    map_file = tmp_path / "scene.map.safetensors"
+    scene_map.save(map_file)
+    return (["--data", str(folder), "--map", str(map_file), "--model", str(CHECKPOINT), "--device", "cpu",
+             "--query-list", "query-lighting", "--perturb", "darker"], tmp_path / "eval.json")
+
+
 def test_aceg_eval_reuses_a_saved_map_and_reports_accuracy(mapped, tmp_path: Path, capsys) -> None:
     """``aceg-eval --map`` on the scene written as a posed folder: the JSON holds the documented
     keys, meets the localizer test's bar on the same frames, and bad arguments exit with status 2."""
     from aceg_model import evaluate
-    from aceg_model.scene.cli import write_scene
 
-    model, scene_map, _, scene = mapped
-    folder = write_scene(scene, tmp_path / "scene")
-    map_file = tmp_path / "scene.map.safetensors"
-    scene_map.save(map_file)
-    out = tmp_path / "eval.json"
-    args = ["--data", str(folder), "--map", str(map_file), "--model", str(CHECKPOINT), "--device", "cpu",
-            "--query-list", "query-lighting", "--perturb", "darker", "--json", str(out)]
+    scene = mapped[3]
+    args, out = eval_args_on_saved_map(mapped, tmp_path)
+    args += ["--json", str(out)]
     assert evaluate.main(args) == 0
     result = json.loads(out.read_text())
     for key in ("pct_5cm_5deg", "pct_10cm_10deg", "median_trans_cm", "median_rot_deg", "mapping_seconds",
@@ -307,16 +315,9 @@ def test_aceg_eval_baseline_maps_the_mlp_head_beside_aceg(mapped, tmp_path: Path
     """``aceg-eval --baseline``: one run reports ACE-G (from its saved map) and the ACE-style head
     (mapped here from the same frames, every correspondence) on the same queries and conditions."""
     from aceg_model import evaluate
-    from aceg_model.scene.cli import write_scene
 
-    model, scene_map, _, scene = mapped
-    folder = write_scene(scene, tmp_path / "scene")
-    map_file = tmp_path / "scene.map.safetensors"
-    scene_map.save(map_file)
-    out = tmp_path / "eval.json"
-    args = ["--data", str(folder), "--map", str(map_file), "--model", str(CHECKPOINT), "--device", "cpu",
-            "--query-list", "query-lighting", "--perturb", "darker", "--max-query", "3", "--iterations", "20",
-            "--json", str(out)]
+    args, out = eval_args_on_saved_map(mapped, tmp_path)
+    args += ["--max-query", "3", "--iterations", "20", "--json", str(out)]
     assert evaluate.main(args + ["--baseline"]) == 0
     result = json.loads(out.read_text())
     base = result["baseline"]

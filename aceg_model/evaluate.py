@@ -243,7 +243,8 @@ def describe(localizer: Localizer, scene_map: SceneMap) -> str:
         refined += f", poses solved again within a {scene_map.views.window_s:g} s mapping visit"
     if localizer.refines_along_seed_rays:
         refined += f", landmark depths {100 * localizer.pnp.seed_ray_depth_sigma:g} % uncertain in the final fit"
-    if localizer.pnp.resolve_min_support > 0:
+    # The guard acts on re-solves; a head without landmarks (the MLP baseline) makes none.
+    if localizer.pnp.resolve_min_support > 0 and (localizer.solves_in_visit or localizer.refines_photometrically):
         refined += (f", the first solve's pose kept where the re-solved one explains less than "
                     f"{100 * localizer.pnp.resolve_min_support:g} % of its inliers")
     lens = scene_map.lens

@@ -13,12 +13,14 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from aceg_model.frames import Frame
 from aceg_model.geometry import pose_error
 from aceg_model.landmarks import MAX_SWEEP_SCALE, SweepConfig
 from aceg_model.lens import lens_summary, mount_summary
@@ -183,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_method(args: argparse.Namespace, model: AcegModel, device, mapping, queries, method: str, pnp: PnPConfig,
-               map_file: Path | None) -> tuple[dict, list[str]]:
+def run_method(args: argparse.Namespace, model: AcegModel, device: torch.device, mapping: Sequence[Frame],
+               queries: Sequence[Frame], method: str, pnp: PnPConfig, map_file: Path | None) -> tuple[dict, list[str]]:
     """Map (or load ``map_file``) with one method, then localize every query, perturbed as asked.
 
     Returns the JSON result and the lines that introduce it in the printout."""
@@ -261,6 +263,7 @@ def conditions(result: dict) -> list[tuple[str, dict]]:
 
 
 def print_result(result: dict, header: list[str]) -> None:
+    """One method's header lines, then a line per condition."""
     print("\n".join(header))
     for name, r in conditions(result):
         print(f"  {name:12s} 5cm/5deg {r['pct_5cm_5deg']:5.1f}%  10cm/10deg {r['pct_10cm_10deg']:5.1f}%  "

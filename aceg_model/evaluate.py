@@ -170,12 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     pnp = PnPConfig(top_k=args.top_k or None, refine_pixels=not args.no_refine_pixels, refine_bf16=args.refine_bf16,
                     photometric_refinement=not args.no_photometric, seed_ray_depth_sigma=args.seed_ray_sigma,
                     resolve_min_support=args.resolve_min_support, map_floor=not args.no_map_floor)
-    result, header = run_method(args, model, device, mapping, queries, args.method, pnp, args.map)
+    check_poses = not args.no_pose_check
+    result, header = run_method(args, model, device, mapping, queries, args.method, pnp, args.map, args.save_map,
+                                check_poses)
     if args.baseline:
         # The ACE-style head keeps every correspondence: its uncertainties do not rank them
-        # (models/README.md), and a top-k would only take inliers away from it.
+        # (models/README.md), and a top-k would only take inliers away from it. Its mapping checks
+        # the poses only where the first run loaded a map instead (the check reads the same frames).
         result["baseline"], base_header = run_method(args, model, device, mapping, queries, "ace",
-                                                     dataclasses.replace(pnp, top_k=None), None)
+                                                     dataclasses.replace(pnp, top_k=None), None, None,
+                                                     check_poses and args.map is not None)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
     print_result(result, header)
@@ -186,8 +190,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_method(args: argparse.Namespace, model: AcegModel, device: torch.device, mapping: Sequence[Frame],
-               queries: Sequence[Frame], method: str, pnp: PnPConfig, map_file: Path | None) -> tuple[dict, list[str]]:
+               queries: Sequence[Frame], method: str, pnp: PnPConfig, map_file: Path | None, save_map: Path | None,
+               check_poses: bool) -> tuple[dict, list[str]]:
     """Map (or load ``map_file``) with one method, then localize every query, perturbed as asked.
+    A map made here is written to ``save_map`` where given; ``check_poses``: mapping compares the
+    poses with the images (``aceg_model.pose_check``).
 
     Returns the JSON result and the lines that introduce it in the printout."""
     torch.manual_seed(0)
@@ -202,13 +209,13 @@ def run_method(args: argparse.Namespace, model: AcegModel, device: torch.device,
                                 sweep_seeds=not args.fixed_depth_seeds, sweep_scale=args.sweep_scale,
                                 photo_depth=not args.no_photo_depth, estimate_lens=not args.no_lens_estimate,
                                 estimate_mount=not args.no_mount_estimate,
-                                visit_window_s=args.visit_window, check_poses=not args.no_pose_check)
+                                visit_window_s=args.visit_window, check_poses=check_poses)
         scene_map, report = map_scene(model, mapping, config, progress, pnp)
         bar.close()
         pose_check, lens_estimate, consistency = report.pose_check, report.lens, report.consistency
         mapping_seconds = time.perf_counter() - t0
-        if args.save_map and method == args.method:
-            scene_map.save(args.save_map)
+        if save_map:
+            scene_map.save(save_map)
     localizer = Localizer(model, scene_map, pnp)
     result = {"method": method, "data": str(args.data), "model": str(args.model), "device": str(device),
               "n_mapping": len(mapping), "mapping_seconds": mapping_seconds,

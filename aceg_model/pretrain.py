@@ -38,6 +38,7 @@ from aceg_model.safe_files import read_meta
 from aceg_model.scene import correspondences, scene_coords
 
 CHECKPOINT_KIND = "aceg-pretrain-state"
+FINE_PARTS = ("both", "nce", "local")  # PretrainConfig.fine_parts
 
 
 @dataclass
@@ -72,6 +73,9 @@ class PretrainConfig:
     fine_points: int = 64
     fine_min_px: float = 1.5
     fine_max_px: float = 6.0
+    # Which halves of the fine term count: "both" (stage 1f), "nce" (the crop's InfoNCE alone) or
+    # "local" (the features beside each match alone). Either half alone draws what both draw.
+    fine_parts: str = "both"
     # The second view of a pair is, with this probability, zoomed by a factor in
     # [1/zoom_max, zoom_max] and rolled by up to roll_max_deg (pretrain_data.zoomed_and_rolled):
     # scale and in-plane rotation beyond those of the rendered camera paths. 0: off.
@@ -117,6 +121,8 @@ class PretrainConfig:
                 or not 0 < self.fine_min_px <= self.fine_max_px or self.fine_crop_px < 4 * self.fine_max_px:
             raise ValueError("w_fine must be >= 0, fine_scale and fine_pairs >= 1, fine_points >= 16, "
                              "0 < fine_min_px <= fine_max_px and fine_crop_px >= 4 * fine_max_px")
+        if self.fine_parts not in FINE_PARTS:
+            raise ValueError(f"fine_parts must be one of {', '.join(FINE_PARTS)}, not {self.fine_parts!r}")
         if not 0 <= self.photo_pair_prob <= 1:
             raise ValueError("photo_pair_prob must be in [0, 1]")
         if self.photo_pair_prob > 0 and self.regresses:
@@ -290,8 +296,9 @@ def fine_crop_loss(model, a: View, b: View, cfg: PretrainConfig, rng: np.random.
     height, as the pixel refinement encodes a query and mapping encodes its fine keys, in a crop of
     ``cfg.fine_crop_px`` working pixels about one match; the matches drawn inside A's crop whose
     neighbourhood lies inside B's, each against the crop's other matches (InfoNCE) and against
-    B's features ``cfg.fine_min_px..cfg.fine_max_px`` beside it (local_nce). None without
-    ``cfg.fine_points // 4`` such matches. Views are rendered at the working resolution."""
+    B's features ``cfg.fine_min_px..cfg.fine_max_px`` beside it (local_nce), or one of the two by
+    ``cfg.fine_parts``. None without ``cfg.fine_points // 4`` such matches. Views are rendered at
+    the working resolution."""
     s, side = cfg.fine_scale, cfg.fine_crop_px * cfg.fine_scale
     height = cfg.model.image_height * s
     if side > min(height, round(a.intrinsics.width * s)):
@@ -324,7 +331,12 @@ def fine_crop_loss(model, a: View, b: View, cfg: PretrainConfig, rng: np.random.
     fb = bilinear(feats[1], fb_px, None)
     around = ring_around(fb_px, cfg.local_offsets, s * cfg.fine_min_px, s * cfg.fine_max_px, rng)
     beside = bilinear(feats[1], around.reshape(-1, 2), None).reshape(len(fb_px), cfg.local_offsets, -1)
-    return info_nce(fa, fb) + local_nce(fa, torch.cat([fb[:, None], beside], 1))
+    parts = []
+    if cfg.fine_parts in ("both", "nce"):
+        parts.append(info_nce(fa, fb))
+    if cfg.fine_parts in ("both", "local"):
+        parts.append(local_nce(fa, torch.cat([fb[:, None], beside], 1)))
+    return sum(parts)
 
 
 def bilinear(feats_Dhw: torch.Tensor, uv_N2: np.ndarray, K) -> torch.Tensor:
@@ -565,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--w-fine", type=float, default=PretrainConfig.w_fine,
                    help="weight of the fine-scale term: matches in crops of both views encoded at "
                    "--fine-scale x the working height, against near matches and the features beside them (0: off)")
+    p.add_argument("--fine-parts", choices=FINE_PARTS, default=PretrainConfig.fine_parts,
+                   help="the fine term's halves: both, its InfoNCE among the crop's matches alone (nce), "
+                   "or its loss against the features beside each match alone (local)")
     p.add_argument("--fine-scale", type=int, default=PretrainConfig.fine_scale,
                    help="the fine term's encoding scale (the pixel refinement's: 3)")
     p.add_argument("--local-min-px", type=float, default=PretrainConfig.local_min_px,
@@ -589,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
                              wide_pair_prob=args.wide_pair_prob, wide_min_deg=args.wide_min_deg,
                              wide_max_deg=args.wide_max_deg, photo_pair_prob=args.photo_pair_prob,
                              w_local=args.w_local, local_min_px=args.local_min_px, local_max_px=args.local_max_px,
-                             w_fine=args.w_fine, fine_scale=args.fine_scale)
+                             w_fine=args.w_fine, fine_scale=args.fine_scale,
+                             fine_parts=args.fine_parts)
     except ValueError as e:
         p.error(str(e))
     path = pretrain(cfg, args.out, resume=not args.no_resume,

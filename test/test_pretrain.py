@@ -244,6 +244,24 @@ def test_the_fine_term_trains_the_encoder_to_place_matches_in_a_crop(bank: Path)
     assert loss().item() < 0.6 * start
 
 
+def test_the_fine_terms_halves_sum_to_the_whole_on_the_same_draws(bank: Path) -> None:
+    torch.manual_seed(2)
+    model = AcegModel(TINY)
+    scene = load_views(sorted(bank.glob("*.npz"))[0])
+    a = scene.mapping[0]
+    b = zoomed_and_rolled(a, 1.1, 10.0)
+    value = {}
+    for parts in ("both", "nce", "local"):
+        cfg = PretrainConfig(model=TINY, w_coords=0.0, w_reproj=0.0, w_fine=1.0, fine_points=32, fine_parts=parts)
+        with torch.no_grad():
+            value[parts] = fine_crop_loss(model, a, b, cfg, np.random.default_rng(3)).item()
+    # Each half alone is a positive loss, and they add up to the whole: the same crops and matches.
+    assert value["nce"] > 0.5 * np.log(8) and value["local"] > 0.5 * np.log(9)
+    assert value["nce"] + value["local"] == pytest.approx(value["both"], rel=1e-5)
+    with pytest.raises(ValueError, match="fine_parts"):
+        PretrainConfig(model=TINY, w_fine=1.0, fine_parts="coarse")
+
+
 def test_the_fine_term_is_added_to_the_infonce_on_the_same_draws(bank: Path, tmp_path: Path) -> None:
     torch.manual_seed(4)
     AcegModel(TINY).save(tmp_path / "start.safetensors")

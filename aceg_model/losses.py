@@ -117,3 +117,26 @@ def local_nce(feats_a_nD: torch.Tensor, feats_b_nkD: torch.Tensor, temperature: 
     b = F.normalize(feats_b_nkD, dim=2)
     logits = torch.einsum("nd,nkd->nk", a, b) / temperature
     return F.cross_entropy(logits, torch.zeros(len(a), dtype=torch.long, device=a.device))
+
+
+def epipolar_nce(feats_a_nD: torch.Tensor, feats_b_Dhw: torch.Tensor, lines_n3: torch.Tensor,
+                 band_px: float, temperature: float = 0.07) -> torch.Tensor | None:
+    """Each point of a against every cell of b, the cells whose centre lies within ``band_px``
+    of the point's epipolar line in b (``lines``: a, b, c of ax + by + c = 0 in b's working
+    pixels) counted as positives: minus the log of the softmax mass on them. Asks a point's
+    best matches to lie on its line, which real posed pairs give without depth. None when no
+    line crosses b."""
+    D, h, w = feats_b_Dhw.shape
+    ys, xs = torch.meshgrid(torch.arange(h, device=lines_n3.device), torch.arange(w, device=lines_n3.device),
+                            indexing="ij")
+    centres = torch.stack([8 * xs.flatten() + 3.5, 8 * ys.flatten() + 3.5, torch.ones(h * w, device=xs.device)])
+    dist = (lines_n3 @ centres).abs() / lines_n3[:, :2].norm(dim=1, keepdim=True)
+    near = dist <= band_px
+    keep = near.any(1) & ~near.all(1)
+    if not keep.any():
+        return None
+    a = F.normalize(feats_a_nD[keep], dim=1)
+    b = F.normalize(feats_b_Dhw.flatten(1), dim=0)
+    logits = a @ b / temperature
+    positive = logits.masked_fill(~near[keep], float("-inf")).logsumexp(1)
+    return (logits.logsumexp(1) - positive).mean()

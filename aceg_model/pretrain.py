@@ -30,7 +30,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from aceg_model.encoder import STRIDE
-from aceg_model.losses import ReprojectionLossConfig, coords_nll, info_nce, local_nce, reprojection_nll
+from aceg_model.epipolar_pairs import EpipolarPairs, PosedImage, fundamental
+from aceg_model.losses import (ReprojectionLossConfig, coords_nll, epipolar_nce, info_nce, local_nce,
+                               reprojection_nll)
 from aceg_model.model import AcegModel, ModelConfig, prepare_image
 from aceg_model.photo_pairs import PhotoPairs
 from aceg_model.pretrain_data import SceneViews, T_cam_map, View, load_views, patch_coords, zoomed_and_rolled
@@ -92,6 +94,14 @@ class PretrainConfig:
     # (photo_pairs.PhotoPairs): real image statistics under perspective changes, with exact
     # correspondences. Encoder-only runs (the pair has no place in a scene's codes). 0: off.
     photo_pair_prob: float = 0.0
+    # Weight of the epipolar term (epipolar_pair_loss): per iteration, one pair of real photos
+    # from known poses (epipolar_pairs.EpipolarPairs, never a tuning sequence), epi_points points
+    # of each image against the other's cells, those within epi_band_px (working pixels) of the
+    # point's epipolar line the positives. Real parallax, no depth needed. 0: off.
+    w_epi: float = 0.0
+    epi_points: int = 128
+    epi_band_px: float = 6.0
+    epi_max_gap: int = 2  # pairs are images 1..epi_max_gap apart in their sequence
     render_height: int = 240  # px; views are rendered at the model's working resolution
     mapping_frames: int = 32  # rendered per scene when it enters the pool
     query_frames: int = 12  # per query condition (lighting, viewpoint)
@@ -125,6 +135,8 @@ class PretrainConfig:
             raise ValueError(f"fine_parts must be one of {', '.join(FINE_PARTS)}, not {self.fine_parts!r}")
         if not 0 <= self.photo_pair_prob <= 1:
             raise ValueError("photo_pair_prob must be in [0, 1]")
+        if self.w_epi < 0 or self.epi_points < 16 or self.epi_band_px <= 0 or self.epi_max_gap < 1:
+            raise ValueError("w_epi must be >= 0, epi_points >= 16, epi_band_px > 0 and epi_max_gap >= 1")
         if self.photo_pair_prob > 0 and self.regresses:
             raise ValueError("photo pairs train the encoder alone: set w_coords and w_reproj to 0 with photo_pair_prob")
 
@@ -339,6 +351,25 @@ def fine_crop_loss(model, a: View, b: View, cfg: PretrainConfig, rng: np.random.
     return sum(parts)
 
 
+def epipolar_pair_loss(model, a: PosedImage, b: PosedImage, cfg: PretrainConfig, changed: bool,
+                       rng: np.random.Generator) -> torch.Tensor | None:
+    """The epipolar term of one real posed pair, both ways: ``cfg.epi_points`` random pixels of
+    each image against the other's cells (``losses.epipolar_nce``). With ``changed`` (query
+    iterations) b's brightness curve is bent by a random gamma. None when no line crosses."""
+    device = next(model.parameters()).device
+    image_b = b.image_hw ** rng.uniform(0.5, 2.0) if changed else b.image_hw
+    feats = model.encoder(torch.from_numpy(np.stack([a.image_hw, image_b]))[:, None].float().to(device))
+    terms = []
+    for (x, y, fx, fy) in ((a, b, feats[0], feats[1]), (b, a, feats[1], feats[0])):
+        H, W = x.image_hw.shape
+        uv = rng.uniform([4.0, 4.0], [W - 4.0, H - 4.0], (cfg.epi_points, 2))
+        lines = np.c_[uv, np.ones(len(uv))] @ fundamental(x, y).T  # row i: F x_i, its line in y
+        term = epipolar_nce(bilinear(fx, uv, None), fy, torch.as_tensor(lines, dtype=torch.float32, device=device),
+                            cfg.epi_band_px)
+        terms += [] if term is None else [term]
+    return torch.stack(terms).mean() if terms else None
+
+
 def bilinear(feats_Dhw: torch.Tensor, uv_N2: np.ndarray, K) -> torch.Tensor:
     """Features at working-resolution pixels ``uv`` (patch centre (8j+3.5) maps to cell j)."""
     D, h, w = feats_Dhw.shape
@@ -427,11 +458,13 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
     rng = np.random.default_rng(cfg.seed * 7919 + rank)
     local_rng = np.random.default_rng([cfg.seed, rank, 1])  # the local loss's offsets only
     fine_rng = np.random.default_rng([cfg.seed, rank, 2])  # the fine term's crops and matches only
+    epi_rng = np.random.default_rng([cfg.seed, rank, 3])  # the epipolar term's pairs and points only
     loss_cfg = ReprojectionLossConfig()
     log_path = out_dir / "pretrain_log.jsonl"
     # The parameters every rank trains: an encoder-only run leaves the regressor without gradients.
     shared = list(model.parameters() if cfg.regresses else model.encoder.parameters())
     photos = PhotoPairs() if cfg.photo_pair_prob > 0 else None
+    real_pairs = EpipolarPairs(cfg.model.image_height, max_gap=cfg.epi_max_gap) if cfg.w_epi > 0 else None
     t0 = time.perf_counter()
     step = start_step
     for step in range(start_step, cfg.steps):
@@ -458,7 +491,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
             views = [warped(v, cfg, rng) if k % 2 else v for k, v in enumerate(views)]
             # Query iterations see codes as constants: only the network learns to generalize.
             codes = [pool.codes[i] if phase == "mapping" else pool.codes[i].detach() for i in slots]
-            l_coords = l_reproj = l_nce = l_local = l_fine = feats = prepared = None
+            l_coords = l_reproj = l_nce = l_local = l_fine = l_epi = feats = prepared = None
             terms: list[torch.Tensor] = []
             stats: dict = {}
             if cfg.regresses:
@@ -485,6 +518,9 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
                 if fine:
                     l_fine = torch.stack(fine).mean()
                     terms.append(cfg.w_fine * l_fine)
+            if real_pairs is not None:
+                l_epi = epipolar_pair_loss(model, *real_pairs.pair(epi_rng), cfg, phase == "query", epi_rng)
+                terms += [] if l_epi is None else [cfg.w_epi * l_epi]
             if not terms and world == 1:  # too few valid patches or correspondences in this draw
                 continue
             opt.zero_grad(set_to_none=True)
@@ -504,7 +540,8 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
             if phase == "mapping":
                 for i in slots:
                     code_opts[i].step()
-            named = (("coords", l_coords), ("reproj", l_reproj), ("nce", l_nce), ("local", l_local), ("fine", l_fine))
+            named = (("coords", l_coords), ("reproj", l_reproj), ("nce", l_nce), ("local", l_local), ("fine", l_fine),
+                     ("epi", l_epi))
             log[phase] = {"loss": loss.item(), **{k: None if v is None else v.item() for k, v in named}, **stats}
         for i in slots:
             pool.uses[i] += 1
@@ -586,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="least distance of the local loss's neighbours (working pixels)")
     p.add_argument("--local-max-px", type=float, default=PretrainConfig.local_max_px,
                    help="largest distance of the local loss's neighbours (working pixels)")
+    p.add_argument("--w-epi", type=float, default=PretrainConfig.w_epi,
+                   help="weight of the epipolar term: per iteration a pair of real posed photos (Strecha "
+                   "fountain, entry, castle; KITTI 01), each point's matches asked to lie on its epipolar line (0: off)")
     p.add_argument("--photo-pair-prob", type=float, default=PretrainConfig.photo_pair_prob,
                    help="probability that a view pair is two views of a real photo on a plane "
                    "(encoder-only runs: --w-coords 0 --w-reproj 0; 0: off)")
@@ -605,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
                              wide_max_deg=args.wide_max_deg, photo_pair_prob=args.photo_pair_prob,
                              w_local=args.w_local, local_min_px=args.local_min_px, local_max_px=args.local_max_px,
                              w_fine=args.w_fine, fine_scale=args.fine_scale,
-                             fine_parts=args.fine_parts)
+                             fine_parts=args.fine_parts, w_epi=args.w_epi)
     except ValueError as e:
         p.error(str(e))
     path = pretrain(cfg, args.out, resume=not args.no_resume,

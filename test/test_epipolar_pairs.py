@@ -1,0 +1,142 @@
+"""Real posed pairs for the encoder: their epipolar geometry, the loss on it, and its place in pre-training."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from aceg_model.datasets import write_posed_folder
+from aceg_model.epipolar_pairs import EpipolarPairs, fundamental
+from aceg_model.losses import epipolar_nce
+from aceg_model.model import AcegModel, ModelConfig
+from aceg_model.pretrain import PretrainConfig, epipolar_pair_loss, pretrain
+from aceg_model.pretrain_data import SceneViews, save_views
+from aceg_model.regressor import RegressorConfig
+from aceg_model.scene import correspondences
+from conftest import shared_dataset, small_room
+
+TINY = ModelConfig(regressor=RegressorConfig(n_codes=32, n_layers=1), image_height=64)
+FOUNTAIN = "strecha-mvs-gt/fountain-P11"
+
+
+def line_distances(F_33: np.ndarray, uv_a: np.ndarray, uv_b: np.ndarray) -> np.ndarray:
+    """Pixels of b from the epipolar lines F x_a of their matches in a."""
+    lines = np.c_[uv_a, np.ones(len(uv_a))] @ F_33.T
+    return np.abs((lines * np.c_[uv_b, np.ones(len(uv_b))]).sum(1)) / np.linalg.norm(lines[:, :2], axis=1)
+
+
+def test_rendered_matches_lie_on_the_epipolar_lines_of_a_loaded_sequence(tmp_path: Path) -> None:
+    scene = small_room(7, mapping_frames=12)
+    write_posed_folder(scene.mapping[:6], tmp_path / "seq")
+    pairs = EpipolarPairs(120, data_dir=tmp_path, sequences=("seq",), max_gap=2)
+    assert len(pairs.images) == 6 and pairs.pairs == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5),
+                                                      (0, 2), (1, 3), (2, 4), (3, 5)]
+    assert pairs.images[0].image_hw.shape == (120, 160)  # the working height, 4:3 kept
+    uv_a, uv_b = correspondences(scene.mapping[1], scene.mapping[2], 200, np.random.default_rng(0))
+    assert len(uv_a) > 50
+    # The loaded images are half the rendered size: pixel centres map by (u + 0.5) / 2 - 0.5.
+    half = lambda uv: (uv + 0.5) / 2 - 0.5  # noqa: E731
+    d = line_distances(fundamental(pairs.images[1], pairs.images[2]), half(uv_a), half(uv_b))
+    assert np.median(d) < 0.02 and d.max() < 0.1
+    # A wrong pose does not: the same matches miss the lines of a pair it was not taken from.
+    assert np.median(line_distances(fundamental(pairs.images[1], pairs.images[4]), half(uv_a), half(uv_b))) > 1.0
+
+
+def test_epipolar_nce_counts_the_cells_near_the_line_as_positives() -> None:
+    torch.manual_seed(0)
+    feats_b = torch.randn(32, 10, 12)
+    point = feats_b[:, 4, 7][None]  # the feature of cell (row 4, column 7), centred at (59.5, 35.5)
+    through = torch.tensor([[0.0, 1.0, -35.5]])  # y = 35.5: row 4's centres
+    beside = torch.tensor([[0.0, 1.0, -51.5]])  # y = 51.5: row 6's centres
+    on_line = epipolar_nce(point, feats_b, through, band_px=3.0).item()
+    off_line = epipolar_nce(point, feats_b, beside, band_px=3.0).item()
+    assert on_line < 0.05 and off_line > 5.0
+    # Twelve positives out of 120 cells: equal features give log(120 / 12).
+    flat = torch.ones(32, 10, 12)
+    assert epipolar_nce(flat[:, 0, 0][None], flat, through, 3.0).item() == pytest.approx(np.log(10), rel=1e-5)
+    # A line that misses the image (or covers all of it) says nothing.
+    assert epipolar_nce(point, feats_b, torch.tensor([[0.0, 1.0, -500.0]]), 3.0) is None
+    assert epipolar_nce(point, feats_b, through, band_px=1000.0) is None
+
+
+def test_epipolar_pairs_refuse_missing_sequences_and_bad_settings(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        EpipolarPairs(64, data_dir=tmp_path, sequences=("nowhere",))
+    with pytest.raises(ValueError, match="max_gap"):
+        EpipolarPairs(64, data_dir=tmp_path, max_gap=0)
+    with pytest.raises(ValueError, match="epi_points"):
+        PretrainConfig(w_epi=0.5, epi_points=4)
+    with pytest.raises(ValueError, match="w_epi"):
+        PretrainConfig(w_epi=-1.0)
+
+
+def test_loaded_strecha_poses_agree_with_sift_matches_of_the_images() -> None:
+    root = shared_dataset(FOUNTAIN).parents[1]
+    pairs = EpipolarPairs(240, data_dir=root, sequences=(FOUNTAIN,), max_gap=1)
+    a, b = pairs.images[4], pairs.images[5]
+    grey = [(x.image_hw * 255).astype(np.uint8) for x in (a, b)]
+    sift = cv2.SIFT_create(2000)
+    (ka, da), (kb, db) = (sift.detectAndCompute(g, None) for g in grey)
+    good = [m for m, n in cv2.BFMatcher().knnMatch(da, db, k=2) if m.distance < 0.7 * n.distance]
+    pa = np.float32([ka[m.queryIdx].pt for m in good])
+    pb = np.float32([kb[m.trainIdx].pt for m in good])
+    _, kept = cv2.findFundamentalMat(pa, pb, cv2.FM_RANSAC, 1.0)  # the images' own geometry, not the poses
+    kept = kept.ravel().astype(bool)
+    assert kept.sum() > 40
+    # OpenCV keypoints and our pixels both put pixel centres on integers.
+    assert np.median(line_distances(fundamental(a, b), pa[kept], pb[kept])) < 0.5
+
+
+def test_the_epipolar_term_trains_the_encoder_on_a_real_pair() -> None:
+    root = shared_dataset(FOUNTAIN).parents[1]
+    pairs = EpipolarPairs(TINY.image_height, data_dir=root, sequences=(FOUNTAIN,), max_gap=1)
+    torch.manual_seed(0)
+    model = AcegModel(TINY)
+    cfg = PretrainConfig(model=TINY, w_coords=0.0, w_reproj=0.0, w_epi=1.0, epi_points=64, epi_band_px=4.0)
+    a, b = pairs.images[2], pairs.images[3]
+
+    def loss() -> torch.Tensor:
+        value = epipolar_pair_loss(model, a, b, cfg, False, np.random.default_rng(1))  # the same points
+        assert value is not None and torch.isfinite(value)
+        return value
+
+    opt = torch.optim.Adam(model.encoder.parameters(), lr=1e-3)
+    start = loss().item()
+    for _ in range(30):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert loss().item() < 0.7 * start
+
+
+def test_pretrain_adds_the_epipolar_term_on_the_same_draws(tmp_path: Path) -> None:
+    shared_dataset(FOUNTAIN)  # pre-training reads the shared sequences
+    for seed in (11, 12):
+        save_views(SceneViews.generate(seed, 64, mapping_frames=4, query_frames=2), tmp_path / f"scene-{seed:07d}.npz")
+    torch.manual_seed(4)
+    AcegModel(TINY).save(tmp_path / "start.safetensors")
+    common = dict(steps=1, scenes_in_pool=2, scenes_per_step=2, patches_per_view=32, nce_points=64,
+                  render_height=64, log_every=1, bank=str(tmp_path), init=str(tmp_path / "start.safetensors"),
+                  w_coords=0.0, w_reproj=0.0, w_nce=0.5, lr=1e-3)
+    logs = {}
+    for w in (0.0, 0.5):
+        pretrain(PretrainConfig(**common, w_epi=w), tmp_path / f"run{w}", resume=False)
+        logs[w] = json.loads((tmp_path / f"run{w}" / "pretrain_log.jsonl").read_text().splitlines()[0])
+    # The epipolar term draws from its own random stream: the mapping iteration's views and matches
+    # are those of a run without it.
+    assert logs[0.5]["mapping"]["nce"] == pytest.approx(logs[0.0]["mapping"]["nce"], abs=1e-6)
+    assert logs[0.0]["mapping"]["epi"] is None and logs[0.5]["mapping"]["epi"] > 0
+    assert logs[0.5]["mapping"]["loss"] == pytest.approx(
+        0.5 * logs[0.5]["mapping"]["nce"] + 0.5 * logs[0.5]["mapping"]["epi"], rel=1e-5)
+
+
+def test_no_tuning_or_evaluation_sequence_is_a_training_pair() -> None:
+    from aceg_model.epipolar_pairs import EPIPOLAR_SEQUENCES
+    from aceg_model.photo_pairs import TUNING_SEQUENCES
+
+    for seq in EPIPOLAR_SEQUENCES:
+        assert not any(t in seq for t in TUNING_SEQUENCES) and "7scenes" not in seq

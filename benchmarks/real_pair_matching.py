@@ -1,0 +1,119 @@
+"""How well an encoder's features match between real photos of a place taken from known poses.
+
+For each pair of images one or two apart in a real posed sequence, every cell of A is matched
+to its nearest cell of B (cosine of the working-resolution features) and the matches that are
+mutual nearest neighbours are kept. A match is counted as consistent when B's cell centre lies
+within 4 (or 8) working pixels of the epipolar line of A's cell centre, from the ground-truth
+poses. The pixels along the line are not checked (there is no depth), so the share is an upper
+bound on the share of right matches. Each set also reports how often a random cell of B lies as
+close to the line (``chance_pct_within_*``): about 3 % within 4 px on both sequences.
+
+Sequences (``../shared/data``), both tuning sequences, measured here and never trained on:
+Strecha Herz-Jesus-P25 (25 stills, 1536x1024) and KITTI 06 frames 0-50 (a car's forward motion).
+The epipolar term of pre-training (``--w-epi``) trains on other sequences
+(``aceg_model/epipolar_pairs.py``).
+
+A few seconds per model on the 2-core CPU:
+
+    python benchmarks/real_pair_matching.py --models models/aceg_small.safetensors runs/x/pca/model.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from _common import REPO, default_json, finish_run, load_model, model_info, run_header
+
+from aceg_model.epipolar_pairs import EpipolarPairs, PosedImage, fundamental
+from aceg_model.scene.textures import default_shared_data
+
+NAME = "real_pair_matching"
+SEQUENCES = {"herzjesu": "strecha-mvs-gt/Herz-Jesus-P25", "kitti06": "kitti-odometry-snippets/seq06_frames000-050"}
+BANDS_PX = (4.0, 8.0)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", type=Path, nargs="+", default=[REPO / "models" / "aceg_small.safetensors"],
+                   help="model files to measure")
+    p.add_argument("--sequences", nargs="+", choices=list(SEQUENCES), default=list(SEQUENCES),
+                   help="real posed sequences to measure")
+    p.add_argument("--max-gap", type=int, default=2, help="pairs are images 1..max-gap apart")
+    p.add_argument("--data", type=Path, default=None, help="the shared data folder (default: ../shared/data)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="output JSON (default: benchmarks/results/<benchmark>-<machine tag>.json)")
+    args = p.parse_args(argv)
+    if args.max_gap < 1:
+        p.error("--max-gap must be >= 1")
+    return args
+
+
+def mutual_matches(model, a: PosedImage, b: PosedImage) -> tuple[np.ndarray, np.ndarray]:
+    """Working-pixel centres (N x 2 each) of the cells of a and b that are each other's nearest."""
+    with torch.no_grad():
+        feats = model.encoder(torch.from_numpy(np.stack([a.image_hw, b.image_hw]))[:, None].float())
+    D, h, w = feats.shape[1:]
+    fa, fb = (F.normalize(f.flatten(1), dim=0) for f in feats)
+    sim = fa.T @ fb
+    best_b, best_a = sim.argmax(1), sim.argmax(0)
+    mutual = torch.nonzero(best_a[best_b] == torch.arange(h * w)).flatten()
+    centre = lambda i: np.stack([8 * (i % w) + 3.5, 8 * (i // w) + 3.5], 1)  # noqa: E731
+    return centre(mutual.numpy()), centre(best_b[mutual].numpy())
+
+
+def line_distances(F_33: np.ndarray, uv_a: np.ndarray, uv_b: np.ndarray) -> np.ndarray:
+    lines = np.c_[uv_a, np.ones(len(uv_a))] @ F_33.T
+    return np.abs((lines * np.c_[uv_b, np.ones(len(uv_b))]).sum(1)) / np.linalg.norm(lines[:, :2], axis=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cpu")
+    data = args.data or default_shared_data()
+    try:
+        models = [(path, load_model(path, device).eval()) for path in args.models]
+        heights = {m.config.image_height for _, m in models}
+        if len(heights) != 1:
+            raise ValueError(f"the models work at different heights: {sorted(heights)}")
+        height = heights.pop()
+        sets = {name: EpipolarPairs(height, data_dir=data, sequences=(SEQUENCES[name],), max_gap=args.max_gap)
+                for name in args.sequences}
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = {**run_header(NAME, args, device), "models": [model_info(m, p) for p, m in models], "results": {}}
+    for name, pairs in sets.items():
+        for gap in range(1, args.max_gap + 1):
+            chosen = [(i, j) for i, j in pairs.pairs if j - i == gap]
+            for path, model in models:
+                counts, dists, chance = [], [], []
+                rng = np.random.default_rng(0)
+                for i, j in chosen:
+                    a, b = pairs.images[i], pairs.images[j]
+                    uv_a, uv_b = mutual_matches(model, a, b)
+                    counts.append(len(uv_a))
+                    dists.append(line_distances(fundamental(a, b), uv_a, uv_b))
+                    h, w = (n // 8 for n in b.image_hw.shape)
+                    cells = rng.integers(0, [w, h], (len(uv_a), 2))
+                    chance.append(line_distances(fundamental(a, b), uv_a, 8 * cells + 3.5))
+                d, r = np.concatenate(dists), np.concatenate(chance)
+                result = {"pairs": len(chosen), "mutual_per_pair": float(np.mean(counts)),
+                          **{f"pct_within_{band:g}px": float(100 * np.mean(d <= band)) for band in BANDS_PX},
+                          "median_line_px": float(np.median(d)),
+                          **{f"chance_pct_within_{band:g}px": float(100 * np.mean(r <= band)) for band in BANDS_PX}}
+                out["results"].setdefault(f"{name}/gap{gap}", {})[str(path)] = result
+                print(f"{name}/gap{gap} {path}: {result['mutual_per_pair']:.0f} mutual matches per pair, "
+                      + ", ".join(f"{result[f'pct_within_{b:g}px']:.1f} % within {b:g} px" for b in BANDS_PX)
+                      + f" of the line (median {result['median_line_px']:.1f} px; a random cell: "
+                      + f"{result['chance_pct_within_4px']:.1f} % within 4 px)", flush=True)
+    return finish_run(args.json or default_json(NAME, device), out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

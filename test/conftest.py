@@ -39,3 +39,44 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = 1
         if reporter:
             reporter.write_line("FAILED: no test passed; an empty run is not green", red=True)
+
+
+def first_logged_steps(bank: Path, tmp_path: Path, model_config, runs: dict[str, dict]) -> dict[str, dict]:
+    """The first logged step of one-step encoder-only pre-trainings on ``bank`` (InfoNCE weight
+    0.5), each from the same fresh model of ``model_config``, one per entry of ``runs``: a name
+    and its ``PretrainConfig`` settings beside the common ones."""
+    import json
+
+    import torch
+
+    from aceg_model.model import AcegModel
+    from aceg_model.pretrain import PretrainConfig, pretrain
+
+    torch.manual_seed(4)
+    AcegModel(model_config).save(tmp_path / "start.safetensors")
+    common = dict(steps=1, scenes_in_pool=2, scenes_per_step=2, patches_per_view=32, nce_points=64,
+                  render_height=64, log_every=1, bank=str(bank), init=str(tmp_path / "start.safetensors"),
+                  w_coords=0.0, w_reproj=0.0, w_nce=0.5, lr=1e-3)
+    logs = {}
+    for name, settings in runs.items():
+        pretrain(PretrainConfig(**{**common, **settings}), tmp_path / name, resume=False)
+        logs[name] = json.loads((tmp_path / name / "pretrain_log.jsonl").read_text().splitlines()[0])
+    return logs
+
+
+def loss_before_and_after(loss, params, steps: int, lr: float = 1e-3) -> tuple[float, float]:
+    """``loss()`` before and after ``steps`` Adam steps on ``params``; it must be finite each time."""
+    import torch
+
+    def value():
+        out = loss()
+        assert out is not None and torch.isfinite(out)
+        return out
+
+    opt = torch.optim.Adam(params, lr=lr)
+    start = value().item()
+    for _ in range(steps):
+        opt.zero_grad()
+        value().backward()
+        opt.step()
+    return start, value().item()

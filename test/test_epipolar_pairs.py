@@ -1,7 +1,6 @@
 """Real posed pairs for the encoder: their epipolar geometry, the loss on it, and its place in pre-training."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2
@@ -13,11 +12,11 @@ from aceg_model.datasets import write_posed_folder
 from aceg_model.epipolar_pairs import EpipolarPairs, fundamental
 from aceg_model.losses import epipolar_nce
 from aceg_model.model import AcegModel, ModelConfig
-from aceg_model.pretrain import PretrainConfig, epipolar_pair_loss, pretrain
+from aceg_model.pretrain import PretrainConfig, epipolar_pair_loss
 from aceg_model.pretrain_data import SceneViews, save_views
 from aceg_model.regressor import RegressorConfig
 from aceg_model.scene import correspondences
-from conftest import shared_dataset, small_room
+from conftest import first_logged_steps, loss_before_and_after, shared_dataset, small_room
 
 TINY = ModelConfig(regressor=RegressorConfig(n_codes=32, n_layers=1), image_height=64)
 FOUNTAIN = "strecha-mvs-gt/fountain-P11"
@@ -99,39 +98,23 @@ def test_the_epipolar_term_trains_the_encoder_on_a_real_pair() -> None:
     cfg = PretrainConfig(model=TINY, w_coords=0.0, w_reproj=0.0, w_epi=1.0, epi_points=64, epi_band_px=4.0)
     a, b = pairs.images[2], pairs.images[3]
 
-    def loss() -> torch.Tensor:
-        value = epipolar_pair_loss(model, a, b, cfg, False, np.random.default_rng(1))  # the same points
-        assert value is not None and torch.isfinite(value)
-        return value
-
-    opt = torch.optim.Adam(model.encoder.parameters(), lr=1e-3)
-    start = loss().item()
-    for _ in range(30):
-        opt.zero_grad()
-        loss().backward()
-        opt.step()
-    assert loss().item() < 0.7 * start
+    # The same points each time.
+    start, end = loss_before_and_after(lambda: epipolar_pair_loss(model, a, b, cfg, False, np.random.default_rng(1)),
+                                       model.encoder.parameters(), 30)
+    assert end < 0.7 * start
 
 
 def test_pretrain_adds_the_epipolar_term_on_the_same_draws(tmp_path: Path) -> None:
     shared_dataset(FOUNTAIN)  # pre-training reads the shared sequences
     for seed in (11, 12):
         save_views(SceneViews.generate(seed, 64, mapping_frames=4, query_frames=2), tmp_path / f"scene-{seed:07d}.npz")
-    torch.manual_seed(4)
-    AcegModel(TINY).save(tmp_path / "start.safetensors")
-    common = dict(steps=1, scenes_in_pool=2, scenes_per_step=2, patches_per_view=32, nce_points=64,
-                  render_height=64, log_every=1, bank=str(tmp_path), init=str(tmp_path / "start.safetensors"),
-                  w_coords=0.0, w_reproj=0.0, w_nce=0.5, lr=1e-3)
-    logs = {}
-    for w in (0.0, 0.5):
-        pretrain(PretrainConfig(**common, w_epi=w), tmp_path / f"run{w}", resume=False)
-        logs[w] = json.loads((tmp_path / f"run{w}" / "pretrain_log.jsonl").read_text().splitlines()[0])
+    logs = first_logged_steps(tmp_path, tmp_path, TINY, {"off": {}, "on": {"w_epi": 0.5}})
+    on, off = logs["on"]["mapping"], logs["off"]["mapping"]
     # The epipolar term draws from its own random stream: the mapping iteration's views and matches
     # are those of a run without it.
-    assert logs[0.5]["mapping"]["nce"] == pytest.approx(logs[0.0]["mapping"]["nce"], abs=1e-6)
-    assert logs[0.0]["mapping"]["epi"] is None and logs[0.5]["mapping"]["epi"] > 0
-    assert logs[0.5]["mapping"]["loss"] == pytest.approx(
-        0.5 * logs[0.5]["mapping"]["nce"] + 0.5 * logs[0.5]["mapping"]["epi"], rel=1e-5)
+    assert on["nce"] == pytest.approx(off["nce"], abs=1e-6)
+    assert off["epi"] is None and on["epi"] > 0
+    assert on["loss"] == pytest.approx(0.5 * on["nce"] + 0.5 * on["epi"], rel=1e-5)
 
 
 def test_no_tuning_or_evaluation_sequence_is_a_training_pair() -> None:

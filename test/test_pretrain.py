@@ -19,6 +19,7 @@ from aceg_model.pretrain_data import (SceneViews, load_views, pair_angles, rende
 from aceg_model.pretrain_regressor import cache_scene, main as regressor_main, matching_loss, train, train_projection
 from aceg_model.regressor import RegressorConfig
 from aceg_model.scene.correspondences import correspondences, project
+from conftest import first_logged_steps, loss_before_and_after
 
 TINY = ModelConfig(regressor=RegressorConfig(n_codes=32, n_layers=1), image_height=64)
 
@@ -182,23 +183,14 @@ def test_the_local_loss_tells_a_feature_that_says_where_it_is_from_a_smooth_one(
 
 
 def test_the_local_loss_is_added_to_the_infonce_on_the_same_draws(bank: Path, tmp_path: Path) -> None:
-    torch.manual_seed(4)
-    start = AcegModel(TINY)
-    start.save(tmp_path / "start.safetensors")
-    common = dict(steps=1, scenes_in_pool=2, scenes_per_step=2, patches_per_view=32, nce_points=64,
-                  render_height=64, log_every=1, bank=str(bank), init=str(tmp_path / "start.safetensors"),
-                  w_coords=0.0, w_reproj=0.0, w_nce=0.5, lr=1e-3)
-    logs = {}
-    for w in (0.0, 1.0):
-        pretrain(PretrainConfig(**common, w_local=w), tmp_path / f"run{w}", resume=False)
-        logs[w] = json.loads((tmp_path / f"run{w}" / "pretrain_log.jsonl").read_text().splitlines()[0])
+    logs = first_logged_steps(bank, tmp_path, TINY, {"off": {"w_local": 0.0}, "on": {"w_local": 1.0}})
     # The local offsets have their own random stream: both runs drew the same views and matches,
     # so the first iteration's InfoNCE is the same, and the local term is logged beside it.
-    assert logs[1.0]["mapping"]["nce"] == pytest.approx(logs[0.0]["mapping"]["nce"], abs=1e-6)
-    assert logs[0.0]["mapping"]["local"] is None
-    assert 1.0 < logs[1.0]["mapping"]["local"] < np.log(9) + 0.5  # near chance from a fresh encoder
-    assert logs[1.0]["mapping"]["loss"] == pytest.approx(
-        common["w_nce"] * (logs[1.0]["mapping"]["nce"] + logs[1.0]["mapping"]["local"]), rel=1e-5)
+    on, off = logs["on"]["mapping"], logs["off"]["mapping"]
+    assert on["nce"] == pytest.approx(off["nce"], abs=1e-6)
+    assert off["local"] is None
+    assert 1.0 < on["local"] < np.log(9) + 0.5  # near chance from a fresh encoder
+    assert on["loss"] == pytest.approx(0.5 * (on["nce"] + on["local"]), rel=1e-5)
 
 
 def test_a_crop_on_the_stride_grid_has_the_whole_images_features_away_from_its_border() -> None:
@@ -228,20 +220,12 @@ def test_the_fine_term_trains_the_encoder_to_place_matches_in_a_crop(bank: Path)
     a = scene.mapping[0]
     b = zoomed_and_rolled(a, 1.1, 10.0)
 
-    def loss() -> torch.Tensor:
-        value = fine_crop_loss(model, a, b, cfg, np.random.default_rng(3))  # the same crops and matches
-        assert value is not None and torch.isfinite(value)
-        return value
-
-    opt = torch.optim.Adam(model.encoder.parameters(), lr=1e-3)
-    start = loss().item()
-    for _ in range(25):
-        opt.zero_grad()
-        loss().backward()
-        opt.step()
+    # The same crops and matches each time.
+    start, end = loss_before_and_after(lambda: fine_crop_loss(model, a, b, cfg, np.random.default_rng(3)),
+                                       model.encoder.parameters(), 25)
     # InfoNCE among up to 32 matches plus the local term among 9: a fresh encoder is near chance.
     assert start > 0.5 * (np.log(8) + np.log(9))
-    assert loss().item() < 0.6 * start
+    assert end < 0.6 * start
 
 
 def test_the_fine_terms_halves_sum_to_the_whole_on_the_same_draws(bank: Path) -> None:
@@ -263,20 +247,13 @@ def test_the_fine_terms_halves_sum_to_the_whole_on_the_same_draws(bank: Path) ->
 
 
 def test_the_fine_term_is_added_to_the_infonce_on_the_same_draws(bank: Path, tmp_path: Path) -> None:
-    torch.manual_seed(4)
-    AcegModel(TINY).save(tmp_path / "start.safetensors")
-    common = dict(steps=1, scenes_in_pool=2, scenes_per_step=2, patches_per_view=32, nce_points=64,
-                  render_height=64, log_every=1, bank=str(bank), init=str(tmp_path / "start.safetensors"),
-                  w_coords=0.0, w_reproj=0.0, w_nce=0.5, lr=1e-3, fine_points=32)
-    logs = {}
-    for w in (0.0, 0.5):
-        pretrain(PretrainConfig(**common, w_fine=w), tmp_path / f"run{w}", resume=False)
-        logs[w] = json.loads((tmp_path / f"run{w}" / "pretrain_log.jsonl").read_text().splitlines()[0])
+    logs = first_logged_steps(bank, tmp_path, TINY, {"off": {"fine_points": 32},
+                                                      "on": {"fine_points": 32, "w_fine": 0.5}})
+    on, off = logs["on"]["mapping"], logs["off"]["mapping"]
     # The fine term draws its crops from its own random stream: the same views and matches.
-    assert logs[0.5]["mapping"]["nce"] == pytest.approx(logs[0.0]["mapping"]["nce"], abs=1e-6)
-    assert logs[0.0]["mapping"]["fine"] is None and logs[0.5]["mapping"]["fine"] > 0
-    assert logs[0.5]["mapping"]["loss"] == pytest.approx(
-        0.5 * logs[0.5]["mapping"]["nce"] + 0.5 * logs[0.5]["mapping"]["fine"], rel=1e-5)
+    assert on["nce"] == pytest.approx(off["nce"], abs=1e-6)
+    assert off["fine"] is None and on["fine"] > 0
+    assert on["loss"] == pytest.approx(0.5 * on["nce"] + 0.5 * on["fine"], rel=1e-5)
 
 
 def test_pretrain_refuses_bad_loss_weights() -> None:

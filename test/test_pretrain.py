@@ -1,7 +1,6 @@
 """Pre-training runs end to end on tiny generated scenes and writes loadable, resumable models."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

@@ -626,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--w-epi", type=float, default=PretrainConfig.w_epi,
                    help="weight of the epipolar term: per iteration a pair of real posed photos (Strecha "
                    "fountain, entry, castle; KITTI 01), each point's matches asked to lie on its epipolar line (0: off)")
+    p.add_argument("--epi-band-px", type=float, default=PretrainConfig.epi_band_px,
+                   help="the epipolar term's band: cells whose centre is this close to the line (working pixels) are positives")
     p.add_argument("--photo-pair-prob", type=float, default=PretrainConfig.photo_pair_prob,
                    help="probability that a view pair is two views of a real photo on a plane "
                    "(encoder-only runs: --w-coords 0 --w-reproj 0; 0: off)")
@@ -645,7 +647,8 @@ def main(argv: list[str] | None = None) -> int:
                              wide_max_deg=args.wide_max_deg, photo_pair_prob=args.photo_pair_prob,
                              w_local=args.w_local, local_min_px=args.local_min_px, local_max_px=args.local_max_px,
                              w_fine=args.w_fine, fine_scale=args.fine_scale,
-                             fine_parts=args.fine_parts, w_epi=args.w_epi)
+                             fine_parts=args.fine_parts, w_epi=args.w_epi,
+                             epi_band_px=args.epi_band_px)
     except ValueError as e:
         p.error(str(e))
     path = pretrain(cfg, args.out, resume=not args.no_resume,

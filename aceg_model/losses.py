@@ -127,6 +127,7 @@ def epipolar_nce(feats_a_nD: torch.Tensor, feats_b_Dhw: torch.Tensor, lines_n3: 
     best matches to lie on its line, which real posed pairs give without depth. None when no
     line crosses b."""
     D, h, w = feats_b_Dhw.shape
+    # Cell j of a stride-8 map is centred on pixel 8j + 3.5, as pretrain.bilinear samples it.
     ys, xs = torch.meshgrid(torch.arange(h, device=lines_n3.device), torch.arange(w, device=lines_n3.device),
                             indexing="ij")
     centres = torch.stack([8 * xs.flatten() + 3.5, 8 * ys.flatten() + 3.5, torch.ones(h * w, device=xs.device)])

@@ -22,6 +22,7 @@ import numpy as np
 
 from aceg_model.datasets import open_dataset
 from aceg_model.frames import Intrinsics
+from aceg_model.geometry import skew
 from aceg_model.model import prepare_image
 from aceg_model.scene.textures import default_shared_data
 
@@ -42,9 +43,18 @@ class PosedImage:
 def fundamental(a: PosedImage, b: PosedImage) -> np.ndarray:
     """F with x_b^T F x_a = 0 for pixels (homogeneous, pixel-centre convention) of a and b."""
     T_ba = np.linalg.inv(b.T_world_cam) @ a.T_world_cam
-    R, t = T_ba[:3, :3], T_ba[:3, 3]
-    t_x = np.array([[0.0, -t[2], t[1]], [t[2], 0.0, -t[0]], [-t[1], t[0], 0.0]])
-    return np.linalg.inv(b.intrinsics.K).T @ t_x @ R @ np.linalg.inv(a.intrinsics.K)
+    return np.linalg.inv(b.intrinsics.K).T @ skew(T_ba[:3, 3]) @ T_ba[:3, :3] @ np.linalg.inv(a.intrinsics.K)
+
+
+def epipolar_lines(F_33: np.ndarray, uv_a_N2: np.ndarray) -> np.ndarray:
+    """Row i: (a, b, c) of the line ax + by + c = 0 in image b on which pixel i of a has its match."""
+    return np.c_[uv_a_N2, np.ones(len(uv_a_N2))] @ F_33.T
+
+
+def line_distances(F_33: np.ndarray, uv_a_N2: np.ndarray, uv_b_N2: np.ndarray) -> np.ndarray:
+    """Pixels of b from the epipolar lines of their matches in a."""
+    lines = epipolar_lines(F_33, uv_a_N2)
+    return np.abs((lines * np.c_[uv_b_N2, np.ones(len(uv_b_N2))]).sum(1)) / np.linalg.norm(lines[:, :2], axis=1)
 
 
 class EpipolarPairs:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from aceg_model.encoder import STRIDE
-from aceg_model.epipolar_pairs import EpipolarPairs, PosedImage, fundamental
+from aceg_model.epipolar_pairs import EpipolarPairs, PosedImage, epipolar_lines, fundamental
 from aceg_model.losses import (ReprojectionLossConfig, coords_nll, epipolar_nce, info_nce, local_nce,
                                reprojection_nll)
 from aceg_model.model import AcegModel, ModelConfig, prepare_image
@@ -341,12 +341,13 @@ def fine_crop_loss(model, a: View, b: View, cfg: PretrainConfig, rng: np.random.
     feats = model.encoder.features(torch.stack([crop_a, crop_b]))
     fa = bilinear(feats[0], fa_px, None)
     fb = bilinear(feats[1], fb_px, None)
+    # Drawn whichever halves count, so that either alone draws what both draw.
     around = ring_around(fb_px, cfg.local_offsets, s * cfg.fine_min_px, s * cfg.fine_max_px, rng)
-    beside = bilinear(feats[1], around.reshape(-1, 2), None).reshape(len(fb_px), cfg.local_offsets, -1)
     parts = []
     if cfg.fine_parts in ("both", "nce"):
         parts.append(info_nce(fa, fb))
     if cfg.fine_parts in ("both", "local"):
+        beside = bilinear(feats[1], around.reshape(-1, 2), None).reshape(len(fb_px), cfg.local_offsets, -1)
         parts.append(local_nce(fa, torch.cat([fb[:, None], beside], 1)))
     return sum(parts)
 
@@ -363,9 +364,8 @@ def epipolar_pair_loss(model, a: PosedImage, b: PosedImage, cfg: PretrainConfig,
     for (x, y, fx, fy) in ((a, b, feats[0], feats[1]), (b, a, feats[1], feats[0])):
         H, W = x.image_hw.shape
         uv = rng.uniform([4.0, 4.0], [W - 4.0, H - 4.0], (cfg.epi_points, 2))
-        lines = np.c_[uv, np.ones(len(uv))] @ fundamental(x, y).T  # row i: F x_i, its line in y
-        term = epipolar_nce(bilinear(fx, uv, None), fy, torch.as_tensor(lines, dtype=torch.float32, device=device),
-                            cfg.epi_band_px)
+        lines = torch.as_tensor(epipolar_lines(fundamental(x, y), uv), dtype=torch.float32, device=device)
+        term = epipolar_nce(bilinear(fx, uv, None), fy, lines, cfg.epi_band_px)
         terms += [] if term is None else [term]
     return torch.stack(terms).mean() if terms else None
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from _common import REPO, default_json, finish_run, load_model, model_info, run_header
 
-from aceg_model.epipolar_pairs import EpipolarPairs, PosedImage, fundamental
+from aceg_model.epipolar_pairs import EpipolarPairs, PosedImage, fundamental, line_distances
 from aceg_model.scene.textures import default_shared_data
 
 NAME = "real_pair_matching"
@@ -67,11 +67,6 @@ def mutual_matches(model, a: PosedImage, b: PosedImage) -> tuple[np.ndarray, np.
     return centre(mutual.numpy()), centre(best_b[mutual].numpy())
 
 
-def line_distances(F_33: np.ndarray, uv_a: np.ndarray, uv_b: np.ndarray) -> np.ndarray:
-    lines = np.c_[uv_a, np.ones(len(uv_a))] @ F_33.T
-    return np.abs((lines * np.c_[uv_b, np.ones(len(uv_b))]).sum(1)) / np.linalg.norm(lines[:, :2], axis=1)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device("cpu")
@@ -97,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
                 for i, j in chosen:
                     a, b = pairs.images[i], pairs.images[j]
                     uv_a, uv_b = mutual_matches(model, a, b)
+                    F_33 = fundamental(a, b)
                     counts.append(len(uv_a))
-                    dists.append(line_distances(fundamental(a, b), uv_a, uv_b))
+                    dists.append(line_distances(F_33, uv_a, uv_b))
                     h, w = (n // 8 for n in b.image_hw.shape)
                     cells = rng.integers(0, [w, h], (len(uv_a), 2))
-                    chance.append(line_distances(fundamental(a, b), uv_a, 8 * cells + 3.5))
+                    chance.append(line_distances(F_33, uv_a, 8 * cells + 3.5))
                 d, r = np.concatenate(dists), np.concatenate(chance)
                 result = {"pairs": len(chosen), "mutual_per_pair": float(np.mean(counts)),
                           **{f"pct_within_{band:g}px": float(100 * np.mean(d <= band)) for band in BANDS_PX},

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from aceg_model.datasets import write_posed_folder
-from aceg_model.epipolar_pairs import EpipolarPairs, fundamental
+from aceg_model.epipolar_pairs import EpipolarPairs, fundamental, line_distances
 from aceg_model.losses import epipolar_nce
 from aceg_model.model import AcegModel, ModelConfig
 from aceg_model.pretrain import PretrainConfig, epipolar_pair_loss
@@ -20,12 +20,6 @@ from conftest import first_logged_steps, loss_before_and_after, shared_dataset, 
 
 TINY = ModelConfig(regressor=RegressorConfig(n_codes=32, n_layers=1), image_height=64)
 FOUNTAIN = "strecha-mvs-gt/fountain-P11"
-
-
-def line_distances(F_33: np.ndarray, uv_a: np.ndarray, uv_b: np.ndarray) -> np.ndarray:
-    """Pixels of b from the epipolar lines F x_a of their matches in a."""
-    lines = np.c_[uv_a, np.ones(len(uv_a))] @ F_33.T
-    return np.abs((lines * np.c_[uv_b, np.ones(len(uv_b))]).sum(1)) / np.linalg.norm(lines[:, :2], axis=1)
 
 
 def test_rendered_matches_lie_on_the_epipolar_lines_of_a_loaded_sequence(tmp_path: Path) -> None:

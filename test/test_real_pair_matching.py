@@ -13,7 +13,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import real_pair_matching  # noqa: E402  (a script folder, not a package)
 
 from aceg_model.datasets import write_posed_folder  # noqa: E402
-from aceg_model.epipolar_pairs import EpipolarPairs, fundamental  # noqa: E402
+from aceg_model.epipolar_pairs import EpipolarPairs, fundamental, line_distances  # noqa: E402
 from aceg_model.model import AcegModel  # noqa: E402
 
 SHIPPED = REPO / "models" / "aceg_small.safetensors"
@@ -27,8 +27,8 @@ def test_the_shipped_encoders_mutual_matches_lie_on_the_true_lines_not_on_a_wron
     assert len(uv_a) > 300
     # Generated walls are mostly plain, so many mutual matches are arbitrary; about a third lie on
     # their line (measured: 35 %), against about 3 % for the same matches and another pair's lines.
-    on_line = np.mean(real_pair_matching.line_distances(fundamental(a, b), uv_a, uv_b) <= 4.0)
-    wrong_pair = np.mean(real_pair_matching.line_distances(fundamental(a, c), uv_a, uv_b) <= 4.0)
+    on_line = np.mean(line_distances(fundamental(a, b), uv_a, uv_b) <= 4.0)
+    wrong_pair = np.mean(line_distances(fundamental(a, c), uv_a, uv_b) <= 4.0)
     assert on_line > 0.25 and wrong_pair < on_line / 4
 
 

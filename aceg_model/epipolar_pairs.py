@@ -38,6 +38,8 @@ class PosedImage:
     image_hw: np.ndarray  # float32 in [0, 1]
     intrinsics: Intrinsics
     T_world_cam: np.ndarray
+    # The same photo at the fine scale (EpipolarPairs' fine_scale x the height), for the fine term.
+    fine: PosedImage | None = None
 
 
 def fundamental(a: PosedImage, b: PosedImage) -> np.ndarray:
@@ -51,6 +53,15 @@ def epipolar_lines(F_33: np.ndarray, uv_a_N2: np.ndarray) -> np.ndarray:
     return np.c_[uv_a_N2, np.ones(len(uv_a_N2))] @ F_33.T
 
 
+def lines_in_crop(F_33: np.ndarray, uv_crop_a_N2: np.ndarray, origin_a: np.ndarray, origin_b: np.ndarray) -> np.ndarray:
+    """``epipolar_lines`` between crops: pixels of a's crop (its top-left at pixel ``origin_a`` of a)
+    -> their lines in the coordinates of b's crop (at ``origin_b``)."""
+    lines = epipolar_lines(F_33, uv_crop_a_N2 + origin_a)
+    # b's pixel x is x_crop + origin_b: a x + b y + c = a x_crop + b y_crop + (c + a o_x + b o_y).
+    lines[:, 2] += lines[:, :2] @ np.asarray(origin_b, dtype=np.float64)
+    return lines
+
+
 def line_distances(F_33: np.ndarray, uv_a_N2: np.ndarray, uv_b_N2: np.ndarray) -> np.ndarray:
     """Pixels of b from the epipolar lines of their matches in a."""
     lines = epipolar_lines(F_33, uv_a_N2)
@@ -58,12 +69,15 @@ def line_distances(F_33: np.ndarray, uv_a_N2: np.ndarray, uv_b_N2: np.ndarray) -
 
 
 class EpipolarPairs:
-    """Pairs of images ``1..max_gap`` apart in each sequence, loaded once at ``height`` px."""
+    """Pairs of images ``1..max_gap`` apart in each sequence, loaded once at ``height`` px, and
+    with ``fine_scale`` at that many times the height as well (``PosedImage.fine``)."""
 
     def __init__(self, height: int, data_dir: Path | None = None, max_gap: int = 2,
-                 sequences: tuple[str, ...] = EPIPOLAR_SEQUENCES) -> None:
+                 sequences: tuple[str, ...] = EPIPOLAR_SEQUENCES, fine_scale: int | None = None) -> None:
         if max_gap < 1:
             raise ValueError(f"max_gap must be >= 1, got {max_gap}")
+        if fine_scale is not None and fine_scale < 1:
+            raise ValueError(f"fine_scale must be >= 1, got {fine_scale}")
         data_dir = Path(data_dir) if data_dir is not None else default_shared_data()
         missing = [s for s in sequences if not (data_dir / s).is_dir()]
         if missing:
@@ -73,8 +87,12 @@ class EpipolarPairs:
         for seq in sequences:
             first = len(self.images)
             for frame in open_dataset(data_dir / seq):
+                fine = None
+                if fine_scale is not None:
+                    image, K = prepare_image(frame.image, frame.intrinsics, height * fine_scale)
+                    fine = PosedImage(image[0].numpy(), K, frame.T_world_cam)
                 image, K = prepare_image(frame.image, frame.intrinsics, height)
-                self.images.append(PosedImage(image[0].numpy(), K, frame.T_world_cam))
+                self.images.append(PosedImage(image[0].numpy(), K, frame.T_world_cam, fine))
             n = len(self.images) - first
             self.pairs += [(first + i, first + i + g) for g in range(1, max_gap + 1) for i in range(n - g)]
         if not self.pairs:

@@ -119,6 +119,16 @@ def local_nce(feats_a_nD: torch.Tensor, feats_b_nkD: torch.Tensor, temperature: 
     return F.cross_entropy(logits, torch.zeros(len(a), dtype=torch.long, device=a.device))
 
 
+def cell_line_distances(lines_n3: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``n x (h*w)``: pixels from each line (a, b, c of ax + by + c = 0) to the centres of the cells
+    of an ``h x w`` stride-8 feature map, row-major."""
+    # Cell j of a stride-8 map is centred on pixel 8j + 3.5, as pretrain.bilinear samples it.
+    ys, xs = torch.meshgrid(torch.arange(h, device=lines_n3.device), torch.arange(w, device=lines_n3.device),
+                            indexing="ij")
+    centres = torch.stack([8 * xs.flatten() + 3.5, 8 * ys.flatten() + 3.5, torch.ones(h * w, device=xs.device)])
+    return (lines_n3 @ centres).abs() / lines_n3[:, :2].norm(dim=1, keepdim=True)
+
+
 def epipolar_nce(feats_a_nD: torch.Tensor, feats_b_Dhw: torch.Tensor, lines_n3: torch.Tensor,
                  band_px: float, temperature: float = 0.07) -> torch.Tensor | None:
     """Each point of a against every cell of b, the cells whose centre lies within ``band_px``
@@ -127,12 +137,7 @@ def epipolar_nce(feats_a_nD: torch.Tensor, feats_b_Dhw: torch.Tensor, lines_n3: 
     best matches to lie on its line, which real posed pairs give without depth. None when no
     line crosses b."""
     D, h, w = feats_b_Dhw.shape
-    # Cell j of a stride-8 map is centred on pixel 8j + 3.5, as pretrain.bilinear samples it.
-    ys, xs = torch.meshgrid(torch.arange(h, device=lines_n3.device), torch.arange(w, device=lines_n3.device),
-                            indexing="ij")
-    centres = torch.stack([8 * xs.flatten() + 3.5, 8 * ys.flatten() + 3.5, torch.ones(h * w, device=xs.device)])
-    dist = (lines_n3 @ centres).abs() / lines_n3[:, :2].norm(dim=1, keepdim=True)
-    near = dist <= band_px
+    near = cell_line_distances(lines_n3, h, w) <= band_px
     keep = near.any(1) & ~near.all(1)
     if not keep.any():
         return None

@@ -30,9 +30,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from aceg_model.encoder import STRIDE
-from aceg_model.epipolar_pairs import EpipolarPairs, PosedImage, epipolar_lines, fundamental
-from aceg_model.losses import (ReprojectionLossConfig, coords_nll, epipolar_nce, info_nce, local_nce,
-                               reprojection_nll)
+from aceg_model.epipolar_pairs import EpipolarPairs, PosedImage, epipolar_lines, fundamental, lines_in_crop
+from aceg_model.losses import (ReprojectionLossConfig, cell_line_distances, coords_nll, epipolar_nce, info_nce,
+                               local_nce, reprojection_nll)
 from aceg_model.model import AcegModel, ModelConfig, prepare_image
 from aceg_model.photo_pairs import PhotoPairs
 from aceg_model.pretrain_data import SceneViews, T_cam_map, View, load_views, patch_coords, zoomed_and_rolled
@@ -102,6 +102,12 @@ class PretrainConfig:
     epi_points: int = 128
     epi_band_px: float = 6.0
     epi_max_gap: int = 2  # pairs are images 1..epi_max_gap apart in their sequence
+    # Weight of the epipolar term at the fine scale (fine_epipolar_loss): the same pair's photos at
+    # fine_scale x the working height, in a crop of fine_crop_px working pixels of each, fine_points
+    # points of each crop against the other's cells, those within epi_fine_band_px (working pixels)
+    # of the point's line the positives; it needs w_epi > 0, whose features place b's crop. 0: off.
+    w_epi_fine: float = 0.0
+    epi_fine_band_px: float = 1.5
     render_height: int = 240  # px; views are rendered at the model's working resolution
     mapping_frames: int = 32  # rendered per scene when it enters the pool
     query_frames: int = 12  # per query condition (lighting, viewpoint)
@@ -137,6 +143,8 @@ class PretrainConfig:
             raise ValueError("photo_pair_prob must be in [0, 1]")
         if self.w_epi < 0 or self.epi_points < 16 or self.epi_band_px <= 0 or self.epi_max_gap < 1:
             raise ValueError("w_epi must be >= 0, epi_points >= 16, epi_band_px > 0 and epi_max_gap >= 1")
+        if self.w_epi_fine < 0 or self.epi_fine_band_px <= 0 or (self.w_epi_fine > 0 and self.w_epi == 0):
+            raise ValueError("w_epi_fine must be >= 0 (and > 0 only with w_epi > 0) and epi_fine_band_px > 0")
         if self.photo_pair_prob > 0 and self.regresses:
             raise ValueError("photo pairs train the encoder alone: set w_coords and w_reproj to 0 with photo_pair_prob")
 
@@ -353,19 +361,69 @@ def fine_crop_loss(model, a: View, b: View, cfg: PretrainConfig, rng: np.random.
 
 
 def epipolar_pair_loss(model, a: PosedImage, b: PosedImage, cfg: PretrainConfig, changed: bool,
-                       rng: np.random.Generator) -> torch.Tensor | None:
+                       rng: np.random.Generator, fine_rng: np.random.Generator | None = None
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The epipolar term of one real posed pair, both ways: ``cfg.epi_points`` random pixels of
     each image against the other's cells (``losses.epipolar_nce``). With ``changed`` (query
-    iterations) b's brightness curve is bent by a random gamma. None when no line crosses."""
+    iterations) b's brightness curve is bent by a random gamma. With ``fine_rng``, the term at the
+    fine scale too (``fine_epipolar_loss``), drawn from it alone. Each is None when no line crosses."""
     device = next(model.parameters()).device
-    image_b = b.image_hw ** rng.uniform(0.5, 2.0) if changed else b.image_hw
-    feats = model.encoder(torch.from_numpy(np.stack([a.image_hw, image_b]))[:, None].float().to(device))
+    gamma = rng.uniform(0.5, 2.0) if changed else 1.0
+    feats = model.encoder(torch.from_numpy(np.stack([a.image_hw, b.image_hw ** gamma]))[:, None].float().to(device))
     terms = []
     for (x, y, fx, fy) in ((a, b, feats[0], feats[1]), (b, a, feats[1], feats[0])):
         H, W = x.image_hw.shape
         uv = rng.uniform([4.0, 4.0], [W - 4.0, H - 4.0], (cfg.epi_points, 2))
         lines = torch.as_tensor(epipolar_lines(fundamental(x, y), uv), dtype=torch.float32, device=device)
         term = epipolar_nce(bilinear(fx, uv, None), fy, lines, cfg.epi_band_px)
+        terms += [] if term is None else [term]
+    fine = None if fine_rng is None else fine_epipolar_loss(model, a, b, feats.detach(), gamma, cfg, fine_rng)
+    return torch.stack(terms).mean() if terms else None, fine
+
+
+def fine_epipolar_loss(model, a: PosedImage, b: PosedImage, feats_2Dhw: torch.Tensor, gamma: float,
+                       cfg: PretrainConfig, rng: np.random.Generator) -> torch.Tensor | None:
+    """The epipolar term at the fine scale, where the pixel refinement compares fine keys: a crop of
+    ``cfg.fine_crop_px`` working pixels of each photo at ``cfg.fine_scale`` x the working height
+    (``PosedImage.fine``), a's about a random point and b's about that point's best match in b's
+    coarse features (``feats_2Dhw``, b's under ``gamma``) near its line; ``cfg.fine_points`` points
+    of the central half of each crop against the other crop's cells, those within
+    ``cfg.epi_fine_band_px`` working pixels of the point's line the positives. Where a crop misses
+    a point's match, the cells off its line are still true negatives. None when no line crosses."""
+    if a.fine is None or b.fine is None:
+        raise ValueError("the fine epipolar term needs the photos at the fine scale: EpipolarPairs(fine_scale=...)")
+    s, device = cfg.fine_scale, feats_2Dhw.device
+    side = cfg.fine_crop_px * s
+    if side > min(*a.fine.image_hw.shape, *b.fine.image_hw.shape):
+        return None
+    H, W = a.image_hw.shape
+    half = cfg.fine_crop_px / 2
+    anchor = rng.uniform([half, half], [W - half, H - half])[None]
+    line = torch.as_tensor(epipolar_lines(fundamental(a, b), anchor), dtype=torch.float32, device=device)
+    _, h, w = feats_2Dhw[1].shape
+    off_line = cell_line_distances(line, h, w)[0] > cfg.epi_band_px
+    if off_line.all():
+        return None
+    similarity = F.normalize(bilinear(feats_2Dhw[0], anchor, None), dim=1) @ F.normalize(feats_2Dhw[1].flatten(1), dim=0)
+    best = int(similarity[0].masked_fill(off_line, float("-inf")).argmax())
+    match = np.array([[8 * (best % w) + 3.5, 8 * (best // w) + 3.5]])
+
+    def fine_px(uv: np.ndarray, x: PosedImage) -> np.ndarray:  # working pixels of x -> its fine pixels
+        scale = np.array(x.fine.image_hw.shape[::-1]) / np.array(x.image_hw.shape[::-1])
+        return (uv + 0.5) * scale - 0.5
+
+    images = [model.encoder.normalize(torch.from_numpy(image)[None, None].float().to(device))[0]
+              for image in (a.fine.image_hw, b.fine.image_hw ** gamma)]
+    crop_a, origin_a = fine_crop(images[0], fine_px(anchor, a)[0], side)
+    crop_b, origin_b = fine_crop(images[1], fine_px(match, b)[0], side)
+    feats = model.encoder.features(torch.stack([crop_a, crop_b]))
+    F_ab = fundamental(a.fine, b.fine)
+    terms = []
+    for F_xy, origin_x, origin_y, fx, fy in ((F_ab, origin_a, origin_b, feats[0], feats[1]),
+                                             (F_ab.T, origin_b, origin_a, feats[1], feats[0])):
+        uv = rng.uniform(side / 4, 3 * side / 4, (cfg.fine_points, 2))  # crop pixels
+        lines = torch.as_tensor(lines_in_crop(F_xy, uv, origin_x, origin_y), dtype=torch.float32, device=device)
+        term = epipolar_nce(bilinear(fx, uv, None), fy, lines, cfg.epi_fine_band_px * s)
         terms += [] if term is None else [term]
     return torch.stack(terms).mean() if terms else None
 
@@ -459,12 +517,14 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
     local_rng = np.random.default_rng([cfg.seed, rank, 1])  # the local loss's offsets only
     fine_rng = np.random.default_rng([cfg.seed, rank, 2])  # the fine term's crops and matches only
     epi_rng = np.random.default_rng([cfg.seed, rank, 3])  # the epipolar term's pairs and points only
+    epi_fine_rng = np.random.default_rng([cfg.seed, rank, 4]) if cfg.w_epi_fine > 0 else None  # its fine crops
     loss_cfg = ReprojectionLossConfig()
     log_path = out_dir / "pretrain_log.jsonl"
     # The parameters every rank trains: an encoder-only run leaves the regressor without gradients.
     shared = list(model.parameters() if cfg.regresses else model.encoder.parameters())
     photos = PhotoPairs() if cfg.photo_pair_prob > 0 else None
-    real_pairs = EpipolarPairs(cfg.model.image_height, max_gap=cfg.epi_max_gap) if cfg.w_epi > 0 else None
+    real_pairs = EpipolarPairs(cfg.model.image_height, max_gap=cfg.epi_max_gap,
+                               fine_scale=cfg.fine_scale if cfg.w_epi_fine > 0 else None) if cfg.w_epi > 0 else None
     t0 = time.perf_counter()
     step = start_step
     for step in range(start_step, cfg.steps):
@@ -491,7 +551,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
             views = [warped(v, cfg, rng) if k % 2 else v for k, v in enumerate(views)]
             # Query iterations see codes as constants: only the network learns to generalize.
             codes = [pool.codes[i] if phase == "mapping" else pool.codes[i].detach() for i in slots]
-            l_coords = l_reproj = l_nce = l_local = l_fine = l_epi = feats = prepared = None
+            l_coords = l_reproj = l_nce = l_local = l_fine = l_epi = l_epi_fine = feats = prepared = None
             terms: list[torch.Tensor] = []
             stats: dict = {}
             if cfg.regresses:
@@ -519,8 +579,10 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
                     l_fine = torch.stack(fine).mean()
                     terms.append(cfg.w_fine * l_fine)
             if real_pairs is not None:
-                l_epi = epipolar_pair_loss(model, *real_pairs.pair(epi_rng), cfg, phase == "query", epi_rng)
+                l_epi, l_epi_fine = epipolar_pair_loss(model, *real_pairs.pair(epi_rng), cfg, phase == "query",
+                                                       epi_rng, epi_fine_rng)
                 terms += [] if l_epi is None else [cfg.w_epi * l_epi]
+                terms += [] if l_epi_fine is None else [cfg.w_epi_fine * l_epi_fine]
             if not terms and world == 1:  # too few valid patches or correspondences in this draw
                 continue
             opt.zero_grad(set_to_none=True)
@@ -541,7 +603,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
                 for i in slots:
                     code_opts[i].step()
             named = (("coords", l_coords), ("reproj", l_reproj), ("nce", l_nce), ("local", l_local), ("fine", l_fine),
-                     ("epi", l_epi))
+                     ("epi", l_epi), ("epi_fine", l_epi_fine))
             log[phase] = {"loss": loss.item(), **{k: None if v is None else v.item() for k, v in named}, **stats}
         for i in slots:
             pool.uses[i] += 1
@@ -628,6 +690,11 @@ def main(argv: list[str] | None = None) -> int:
                    "fountain, entry, castle; KITTI 01), each point's matches asked to lie on its epipolar line (0: off)")
     p.add_argument("--epi-band-px", type=float, default=PretrainConfig.epi_band_px,
                    help="the epipolar term's band: cells whose centre is this close to the line (working pixels) are positives")
+    p.add_argument("--w-epi-fine", type=float, default=PretrainConfig.w_epi_fine,
+                   help="weight of the epipolar term at the fine scale: crops of the same pair encoded at "
+                   "--fine-scale x the working height (needs --w-epi > 0; 0: off)")
+    p.add_argument("--epi-fine-band-px", type=float, default=PretrainConfig.epi_fine_band_px,
+                   help="the fine epipolar term's band (working pixels)")
     p.add_argument("--photo-pair-prob", type=float, default=PretrainConfig.photo_pair_prob,
                    help="probability that a view pair is two views of a real photo on a plane "
                    "(encoder-only runs: --w-coords 0 --w-reproj 0; 0: off)")
@@ -648,7 +715,8 @@ def main(argv: list[str] | None = None) -> int:
                              w_local=args.w_local, local_min_px=args.local_min_px, local_max_px=args.local_max_px,
                              w_fine=args.w_fine, fine_scale=args.fine_scale,
                              fine_parts=args.fine_parts, w_epi=args.w_epi,
-                             epi_band_px=args.epi_band_px)
+                             epi_band_px=args.epi_band_px, w_epi_fine=args.w_epi_fine,
+                             epi_fine_band_px=args.epi_fine_band_px)
     except ValueError as e:
         p.error(str(e))
     path = pretrain(cfg, args.out, resume=not args.no_resume,

@@ -44,10 +44,16 @@ def encode_fine(model: AcegModel, image: np.ndarray, intrinsics: Intrinsics, sca
     (mapping's plane sweep) and compared with (the query's refinement). ``bf16``: the encoder
     runs under bfloat16 autocast on a CPU (the queries stay float32; ignored on other devices)."""
     image_1HW, K = prepare_image(image, intrinsics, model.config.image_height * scale)
+    return (*fine_queries(model, image_1HW, bf16), K)
+
+
+def fine_queries(model: AcegModel, image_1HW: torch.Tensor, bf16: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``encode_fine`` of an image already at the fine size (grey, 0..1): its unit queries ``P x K``
+    and their grid's ``(h, w)``."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and model.device.type == "cpu"):
         feats_1Dhw = model.encoder(image_1HW.unsqueeze(0).to(model.device)).float()
     hw = tuple(feats_1Dhw.shape[2:])
-    return model.regressor.queries(feats_1Dhw[0].flatten(1).T.unsqueeze(0))[1][0], hw, K
+    return model.regressor.queries(feats_1Dhw[0].flatten(1).T.unsqueeze(0))[1][0], hw
 
 
 def refine_pixels(fine_keys_PK: torch.Tensor, desc_QK: torch.Tensor, hw: tuple[int, int], scale: int,

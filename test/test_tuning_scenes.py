@@ -70,6 +70,22 @@ def test_table_has_a_row_per_query_set_and_a_column_per_file(tmp_path: Path) -> 
     assert rows == ["| kitti06/odd", "| kitti06/odd@seed1", "| herzjesu/odd"]
 
 
+def test_table_pools_the_two_halves_of_a_real_sequence(tmp_path: Path) -> None:
+    # Odd frames: 2, 4 and 30 cm off; even frames: 6 cm and no pose.
+    odd = {**tuning_scenes.summarize([[2.0, 0.1], [4.0, 0.2], [30.0, 1.0]]), "errs": [[2.0, 0.1], [4.0, 0.2], [30.0, 1.0]]}
+    even = {**tuning_scenes.summarize([[6.0, 0.3], None]), "errs": [[6.0, 0.3], None]}
+    pooled = tuning_scenes.both_halves({"kitti06/odd": odd, "kitti06/even": even, "herzjesu/odd": odd,
+                                        "kitti06/odd@seed1": odd})
+    assert list(pooled) == ["kitti06/both"]  # Herz-Jesus and seed 1 lack their even half
+    both = pooled["kitti06/both"]
+    assert both["n"] == 5 and both["no_pose"] == 1 and both["pct5"] == 40.0 and both["pct10"] == 60.0
+    assert both["median_cm"] == 5.0
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps(_result(**{"kitti06/odd": odd, "kitti06/even": even, "herzjesu/odd": odd})))
+    rows = [line.split(" |")[0] for line in tuning_scenes.table([c]).splitlines() if line.startswith("| ")][1:]
+    assert rows == ["| kitti06/odd", "| kitti06/even", "| kitti06/both", "| herzjesu/odd"]
+
+
 def test_seeds_must_be_distinct_and_not_negative(tmp_path: Path) -> None:
     for seeds in (["0", "0"], ["-1"]):
         with pytest.raises(SystemExit):

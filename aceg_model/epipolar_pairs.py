@@ -62,10 +62,14 @@ def lines_in_crop(F_33: np.ndarray, uv_crop_a_N2: np.ndarray, origin_a: np.ndarr
     return lines
 
 
+def point_line_distances(lines_N3: np.ndarray, uv_N2: np.ndarray) -> np.ndarray:
+    """Pixels from point i to line i (a, b, c of ax + by + c = 0)."""
+    return np.abs((lines_N3 * np.c_[uv_N2, np.ones(len(uv_N2))]).sum(1)) / np.linalg.norm(lines_N3[:, :2], axis=1)
+
+
 def line_distances(F_33: np.ndarray, uv_a_N2: np.ndarray, uv_b_N2: np.ndarray) -> np.ndarray:
     """Pixels of b from the epipolar lines of their matches in a."""
-    lines = epipolar_lines(F_33, uv_a_N2)
-    return np.abs((lines * np.c_[uv_b_N2, np.ones(len(uv_b_N2))]).sum(1)) / np.linalg.norm(lines[:, :2], axis=1)
+    return point_line_distances(epipolar_lines(F_33, uv_a_N2), uv_b_N2)
 
 
 class EpipolarPairs:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from aceg_model.encoder import patch_centres
+
 
 @dataclass
 class ReprojectionLossConfig:
@@ -121,12 +123,9 @@ def local_nce(feats_a_nD: torch.Tensor, feats_b_nkD: torch.Tensor, temperature: 
 
 def cell_line_distances(lines_n3: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """``n x (h*w)``: pixels from each line (a, b, c of ax + by + c = 0) to the centres of the cells
-    of an ``h x w`` stride-8 feature map, row-major."""
-    # Cell j of a stride-8 map is centred on pixel 8j + 3.5, as pretrain.bilinear samples it.
-    ys, xs = torch.meshgrid(torch.arange(h, device=lines_n3.device), torch.arange(w, device=lines_n3.device),
-                            indexing="ij")
-    centres = torch.stack([8 * xs.flatten() + 3.5, 8 * ys.flatten() + 3.5, torch.ones(h * w, device=xs.device)])
-    return (lines_n3 @ centres).abs() / lines_n3[:, :2].norm(dim=1, keepdim=True)
+    of an ``h x w`` stride-8 feature map, row-major (``encoder.patch_centres``, as pretrain.bilinear samples it)."""
+    centres = patch_centres(h, w, lines_n3.device)
+    return (lines_n3[:, :2] @ centres.T + lines_n3[:, 2:]).abs() / lines_n3[:, :2].norm(dim=1, keepdim=True)
 
 
 def epipolar_nce(feats_a_nD: torch.Tensor, feats_b_Dhw: torch.Tensor, lines_n3: torch.Tensor,

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from aceg_model.encoder import STRIDE
+from aceg_model.encoder import STRIDE, patch_centres
 from aceg_model.epipolar_pairs import EpipolarPairs, PosedImage, epipolar_lines, fundamental, lines_in_crop
 from aceg_model.losses import (ReprojectionLossConfig, cell_line_distances, coords_nll, epipolar_nce, info_nce,
                                local_nce, reprojection_nll)
@@ -406,7 +406,7 @@ def fine_epipolar_loss(model, a: PosedImage, b: PosedImage, feats_2Dhw: torch.Te
         return None
     similarity = F.normalize(bilinear(feats_2Dhw[0], anchor, None), dim=1) @ F.normalize(feats_2Dhw[1].flatten(1), dim=0)
     best = int(similarity[0].masked_fill(off_line, float("-inf")).argmax())
-    match = np.array([[8 * (best % w) + 3.5, 8 * (best // w) + 3.5]])
+    match = patch_centres(h, w)[best].numpy()[None]
 
     def fine_px(uv: np.ndarray, x: PosedImage) -> np.ndarray:  # working pixels of x -> its fine pixels
         scale = np.array(x.fine.image_hw.shape[::-1]) / np.array(x.image_hw.shape[::-1])

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from _common import REPO, default_json, finish_run, load_model, model_info, run_header
 
+from aceg_model.encoder import patch_centres
 from aceg_model.epipolar_pairs import EpipolarPairs, PosedImage, fundamental, line_distances
 from aceg_model.landmarks import SweepViews
 from aceg_model.pixel_refinement import fine_queries, refine_pixels
@@ -75,8 +76,8 @@ def mutual_matches(model, a: PosedImage, b: PosedImage) -> tuple[np.ndarray, np.
     sim = fa.T @ fb
     best_b, best_a = sim.argmax(1), sim.argmax(0)
     mutual = torch.nonzero(best_a[best_b] == torch.arange(h * w)).flatten()
-    centre = lambda i: np.stack([8 * (i % w) + 3.5, 8 * (i // w) + 3.5], 1)  # noqa: E731
-    return centre(mutual.numpy()), centre(best_b[mutual].numpy())
+    centres = patch_centres(h, w).double()
+    return centres[mutual].numpy(), centres[best_b[mutual]].numpy()
 
 
 class FineGrids:

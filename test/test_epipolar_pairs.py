@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from aceg_model.datasets import write_posed_folder
-from aceg_model.epipolar_pairs import EpipolarPairs, fundamental, line_distances, lines_in_crop
+from aceg_model.epipolar_pairs import EpipolarPairs, fundamental, line_distances, lines_in_crop, point_line_distances
 from aceg_model.losses import epipolar_nce
 from aceg_model.model import AcegModel, ModelConfig
 from aceg_model.pretrain import PretrainConfig, epipolar_pair_loss, fine_epipolar_loss
@@ -48,13 +48,12 @@ def test_crop_lines_at_the_fine_scale_pass_through_the_rendered_matches(tmp_path
     uv_a, uv_b = correspondences(scene.mapping[1], scene.mapping[2], 200, np.random.default_rng(0))
     fine = lambda uv: (uv + 0.5) * 1.5 - 0.5  # noqa: E731  (rendered at 240, loaded at 360)
     origin_a, origin_b = np.array([40.0, 16.0]), np.array([64.0, 88.0])
-    lines = lines_in_crop(fundamental(a, b), fine(uv_a) - origin_a, origin_a, origin_b)
-    in_crop_b = np.c_[fine(uv_b) - origin_b, np.ones(len(uv_b))]
-    d = np.abs((lines * in_crop_b).sum(1)) / np.linalg.norm(lines[:, :2], axis=1)
+    in_crop_a, in_crop_b = fine(uv_a) - origin_a, fine(uv_b) - origin_b
+    d = point_line_distances(lines_in_crop(fundamental(a, b), in_crop_a, origin_a, origin_b), in_crop_b)
     assert np.median(d) < 0.05 and d.max() < 0.3
     # Without the shift into b's crop the same matches miss their lines.
-    lines_b = lines_in_crop(fundamental(a, b), fine(uv_a) - origin_a, origin_a, np.zeros(2))
-    assert np.median(np.abs((lines_b * in_crop_b).sum(1)) / np.linalg.norm(lines_b[:, :2], axis=1)) > 5.0
+    unshifted = lines_in_crop(fundamental(a, b), in_crop_a, origin_a, np.zeros(2))
+    assert np.median(point_line_distances(unshifted, in_crop_b)) > 5.0
 
 
 def test_epipolar_nce_counts_the_cells_near_the_line_as_positives() -> None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from aceg_model.frames import Frame, Intrinsics
 from aceg_model.scene import PRESETS
-from aceg_model.scene.textures import list_photo_sources, load_photo
+from aceg_model.scene.textures import list_photo_sources, load_photo, photo_group
 
 View = Frame
 
@@ -45,6 +45,13 @@ def training_photos(use_shared: bool = True) -> list[str]:
             continue
         out.append(source)
     return out
+
+
+def vga_photos(use_shared: bool = True) -> list[str]:
+    """The training photos that a 640x480 view can see at their own sharpness: the Strecha photos
+    (1024x683 here) outside the tuning sequences. The KITTI frames (310 rows) and the scikit-image
+    samples (300-512) would be magnified 1.3-4x by such a view."""
+    return [s for s in training_photos(use_shared) if photo_group(s) == "strecha"]
 
 
 def look_at(target_3: np.ndarray, tilt_deg: float, azimuth_deg: float, distance_m: float,
@@ -98,11 +105,15 @@ class PhotoPairs:
     """Draws view pairs of real photos (``pair``); photos are loaded on first use."""
 
     def __init__(self, sources: list[str] | None = None, max_tilt_deg: float = 50.0,
-                 max_roll_deg: float = 20.0) -> None:
+                 max_roll_deg: float = 20.0, photo_width: int = PHOTO_WIDTH,
+                 footprint: tuple[float, float] = (0.35, 0.8)) -> None:
         self.sources = training_photos() if sources is None else list(sources)
         if not self.sources:
             raise ValueError("no photos for photo pairs")
+        if photo_width < 8 or not 0 < footprint[0] <= footprint[1]:
+            raise ValueError(f"need photo_width >= 8 and 0 < footprint[0] <= footprint[1], got {photo_width}, {footprint}")
         self.max_tilt_deg, self.max_roll_deg = max_tilt_deg, max_roll_deg
+        self.photo_width, self.footprint = photo_width, footprint
         self._photos: dict[str, np.ndarray] = {}
 
     def photo(self, source: str) -> np.ndarray:
@@ -110,14 +121,15 @@ class PhotoPairs:
             # This cache keeps the resized photo; load_photo's own cache would keep the full-size one as well.
             image = load_photo.__wrapped__(source)
             h, w = image.shape[:2]
-            self._photos[source] = cv2.resize(image, (PHOTO_WIDTH, max(8, round(h * PHOTO_WIDTH / w))),
-                                              interpolation=cv2.INTER_AREA if w > PHOTO_WIDTH else cv2.INTER_LINEAR)
+            pw = self.photo_width
+            self._photos[source] = cv2.resize(image, (pw, max(8, round(h * pw / w))),
+                                              interpolation=cv2.INTER_AREA if w > pw else cv2.INTER_LINEAR)
         return self._photos[source]
 
     def pair(self, K: Intrinsics, query: bool, rng: np.random.Generator) -> tuple[View, View]:
         """Two views of one photo around the same point of it, each from its own tilt (up to
-        ``max_tilt_deg`` off the normal), side, distance (footprint 0.35-0.8 of the widest view
-        the photo fills) and roll. Photometric changes as for rendered pairs: mild on the first view, on
+        ``max_tilt_deg`` off the normal), side, distance (footprint ``footprint`` (default
+        0.35-0.8) of the widest view the photo fills) and roll. Photometric changes as for rendered pairs: mild on the first view, on
         the second mild or, with ``query``, strong."""
         source = self.sources[int(rng.integers(len(self.sources)))]
         photo = self.photo(source)
@@ -129,7 +141,7 @@ class PhotoPairs:
         views = []
         for k in range(2):
             # Footprint width (frontal) = distance * width / fx: pick it as a share of what the photo fills.
-            footprint = rng.uniform(0.35, 0.8) * fill_w
+            footprint = rng.uniform(*self.footprint) * fill_w
             distance = footprint * K.fx / K.width
             jitter = np.append(rng.normal(0.0, 0.03 * PLANE_WIDTH_M, 2), 0.0)
             T = look_at(target + jitter, rng.uniform(0.0, self.max_tilt_deg), rng.uniform(0.0, 360.0), distance,

@@ -34,7 +34,7 @@ from aceg_model.epipolar_pairs import EpipolarPairs, PosedImage, epipolar_lines,
 from aceg_model.losses import (ReprojectionLossConfig, cell_line_distances, coords_nll, epipolar_nce, info_nce,
                                local_nce, reprojection_nll)
 from aceg_model.model import AcegModel, ModelConfig, prepare_image
-from aceg_model.photo_pairs import PhotoPairs
+from aceg_model.photo_pairs import PhotoPairs, vga_photos
 from aceg_model.pretrain_data import SceneViews, T_cam_map, View, load_views, patch_coords, zoomed_and_rolled
 from aceg_model.safe_files import read_meta
 from aceg_model.scene import correspondences, scene_coords
@@ -78,6 +78,13 @@ class PretrainConfig:
     # Which halves of the fine term count: "both" (stage 1f), "nce" (the crop's InfoNCE alone) or
     # "local" (the features beside each match alone). Either half alone draws what both draw.
     fine_parts: str = "both"
+    # A fine pair is, with this probability, two views of a real photo on a plane rendered at
+    # fine_photo_height (photo_pairs.vga_photos; footprint 0.6-1.0 of what the photo fills, so the
+    # photo is seen at 0.7-1.2x its own pixels) instead of the rendered pair. The rendered views are
+    # 240 px, so their fine encoding (3x) is of a thrice-magnified image; a 640x480 camera's query
+    # is magnified 1.5x. 0: off (stage 1f).
+    fine_photo_prob: float = 0.0
+    fine_photo_height: int = 480
     # The second view of a pair is, with this probability, zoomed by a factor in
     # [1/zoom_max, zoom_max] and rolled by up to roll_max_deg (pretrain_data.zoomed_and_rolled):
     # scale and in-plane rotation beyond those of the rendered camera paths. 0: off.
@@ -137,6 +144,8 @@ class PretrainConfig:
                 or not 0 < self.fine_min_px <= self.fine_max_px or self.fine_crop_px < 4 * self.fine_max_px:
             raise ValueError("w_fine must be >= 0, fine_scale and fine_pairs >= 1, fine_points >= 16, "
                              "0 < fine_min_px <= fine_max_px and fine_crop_px >= 4 * fine_max_px")
+        if not 0 <= self.fine_photo_prob <= 1 or self.fine_photo_height < self.fine_crop_px:
+            raise ValueError("fine_photo_prob must be in [0, 1] and fine_photo_height >= fine_crop_px")
         if self.fine_parts not in FINE_PARTS:
             raise ValueError(f"fine_parts must be one of {', '.join(FINE_PARTS)}, not {self.fine_parts!r}")
         if not 0 <= self.photo_pair_prob <= 1:
@@ -317,11 +326,13 @@ def fine_crop_loss(model, a: View, b: View, cfg: PretrainConfig, rng: np.random.
     ``cfg.fine_crop_px`` working pixels about one match; the matches drawn inside A's crop whose
     neighbourhood lies inside B's, each against the crop's other matches (InfoNCE) and against
     B's features ``cfg.fine_min_px..cfg.fine_max_px`` beside it (local_nce), or one of the two by
-    ``cfg.fine_parts``. None without ``cfg.fine_points // 4`` such matches. Views are rendered at
-    the working resolution."""
+    ``cfg.fine_parts``. None without ``cfg.fine_points // 4`` such matches. Views may be of any
+    height (rendered ones are at the working height, photo pairs at ``cfg.fine_photo_height``)."""
     s, side = cfg.fine_scale, cfg.fine_crop_px * cfg.fine_scale
     height = cfg.model.image_height * s
-    if side > min(height, round(a.intrinsics.width * s)):
+    # Each view's pixels -> fine pixels (pixel-centre convention).
+    sa, sb = height / a.intrinsics.height, height / b.intrinsics.height
+    if side > min(height, round(a.intrinsics.width * sa), round(b.intrinsics.width * sb)):
         return None
     anchor_a, anchor_b = correspondences(a, b, 1, rng, candidates=256)
     if not len(anchor_a):
@@ -329,18 +340,19 @@ def fine_crop_loss(model, a: View, b: View, cfg: PretrainConfig, rng: np.random.
     device = next(model.parameters()).device
     images = [model.encoder.normalize(prepare_image(v.image, v.intrinsics, height)[0][None].to(device))[0]
               for v in (a, b)]
-    crop_a, origin_a = fine_crop(images[0], (anchor_a[0] + 0.5) * s - 0.5, side)
-    crop_b, origin_b = fine_crop(images[1], (anchor_b[0] + 0.5) * s - 0.5, side)
-    # Draw matches only among A's pixels inside its crop (a working-pixel margin of 2).
+    crop_a, origin_a = fine_crop(images[0], (anchor_a[0] + 0.5) * sa - 0.5, side)
+    crop_b, origin_b = fine_crop(images[1], (anchor_b[0] + 0.5) * sb - 0.5, side)
+    # Draw matches only among A's pixels inside its crop (a margin of 2 working pixels).
     coords = scene_coords(a).copy()
     inside = np.zeros(coords.shape[:2], bool)
-    lo, hi = (origin_a + 0.5) / s - 0.5 + 2, (origin_a + side + 0.5) / s - 0.5 - 2
+    margin = 2 * s / sa
+    lo, hi = (origin_a + 0.5) / sa - 0.5 + margin, (origin_a + side + 0.5) / sa - 0.5 - margin
     inside[int(np.ceil(lo[1])):int(np.floor(hi[1])) + 1, int(np.ceil(lo[0])):int(np.floor(hi[0])) + 1] = True
     coords[~inside] = np.nan
     uv_a, uv_b = correspondences(replace(a, meta={**a.meta, "scene_coords": coords}), b, 2 * cfg.fine_points, rng)
     # Fine pixels in crop coordinates; B's offsets must stay inside B's crop.
-    fa_px = (uv_a + 0.5) * s - 0.5 - origin_a
-    fb_px = (uv_b + 0.5) * s - 0.5 - origin_b
+    fa_px = (uv_a + 0.5) * sa - 0.5 - origin_a
+    fb_px = (uv_b + 0.5) * sb - 0.5 - origin_b
     reach = (cfg.fine_max_px + 1) * s
     ok = ((fb_px >= reach) & (fb_px <= side - 1 - reach)).all(1)
     fa_px, fb_px = fa_px[ok][:cfg.fine_points], fb_px[ok][:cfg.fine_points]
@@ -523,6 +535,8 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
     # The parameters every rank trains: an encoder-only run leaves the regressor without gradients.
     shared = list(model.parameters() if cfg.regresses else model.encoder.parameters())
     photos = PhotoPairs() if cfg.photo_pair_prob > 0 else None
+    fine_photos = PhotoPairs(vga_photos(), photo_width=1024, footprint=(0.6, 1.0)) \
+        if cfg.w_fine > 0 and cfg.fine_photo_prob > 0 else None
     real_pairs = EpipolarPairs(cfg.model.image_height, max_gap=cfg.epi_max_gap,
                                fine_scale=cfg.fine_scale if cfg.w_epi_fine > 0 else None) if cfg.w_epi > 0 else None
     t0 = time.perf_counter()
@@ -571,7 +585,12 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
                 # The first fine_pairs pairs that overlap (about half of the drawn pairs do not).
                 fine = []
                 for j in range(len(views) // 2):
-                    f = fine_crop_loss(model, views[2 * j], views[2 * j + 1], cfg, fine_rng)
+                    pair = views[2 * j], views[2 * j + 1]
+                    if fine_photos is not None and fine_rng.random() < cfg.fine_photo_prob:
+                        K = pair[0].intrinsics
+                        pair = fine_photos.pair(K.resized(round(K.width * cfg.fine_photo_height / K.height),
+                                                          cfg.fine_photo_height), phase == "query", fine_rng)
+                    f = fine_crop_loss(model, *pair, cfg, fine_rng)
                     fine += [] if f is None else [f]
                     if len(fine) == cfg.fine_pairs:
                         break
@@ -679,6 +698,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fine-parts", choices=FINE_PARTS, default=PretrainConfig.fine_parts,
                    help="the fine term's halves: both, its InfoNCE among the crop's matches alone (nce), "
                    "or its loss against the features beside each match alone (local)")
+    p.add_argument("--fine-photo-prob", type=float, default=PretrainConfig.fine_photo_prob,
+                   help="probability that a fine pair is two views of a real photo on a plane rendered at "
+                   "--fine-photo-height instead of the rendered pair (0: off)")
+    p.add_argument("--fine-photo-height", type=int, default=PretrainConfig.fine_photo_height,
+                   help="height of the fine photo pairs' views (px; 480: a 640x480 camera)")
     p.add_argument("--fine-scale", type=int, default=PretrainConfig.fine_scale,
                    help="the fine term's encoding scale (the pixel refinement's: 3)")
     p.add_argument("--local-min-px", type=float, default=PretrainConfig.local_min_px,
@@ -714,7 +738,8 @@ def main(argv: list[str] | None = None) -> int:
                              wide_max_deg=args.wide_max_deg, photo_pair_prob=args.photo_pair_prob,
                              w_local=args.w_local, local_min_px=args.local_min_px, local_max_px=args.local_max_px,
                              w_fine=args.w_fine, fine_scale=args.fine_scale,
-                             fine_parts=args.fine_parts, w_epi=args.w_epi,
+                             fine_parts=args.fine_parts, fine_photo_prob=args.fine_photo_prob,
+                             fine_photo_height=args.fine_photo_height, w_epi=args.w_epi,
                              epi_band_px=args.epi_band_px, w_epi_fine=args.w_epi_fine,
                              epi_fine_band_px=args.epi_fine_band_px)
     except ValueError as e:

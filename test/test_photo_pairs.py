@@ -10,7 +10,7 @@ import torch
 
 from aceg_model.frames import Intrinsics
 from aceg_model.model import AcegModel, ModelConfig
-from aceg_model.photo_pairs import PLANE_WIDTH_M, PhotoPairs, look_at, plane_view, training_photos
+from aceg_model.photo_pairs import PLANE_WIDTH_M, PhotoPairs, look_at, plane_view, training_photos, vga_photos
 from aceg_model.pretrain import PretrainConfig, pretrain
 from aceg_model.pretrain_data import SceneViews, save_views, view_correspondences
 from aceg_model.regressor import RegressorConfig
@@ -84,6 +84,40 @@ def test_training_photos_leave_out_the_tuning_sequences_and_7scenes() -> None:
     assert "skimage:text" not in sources  # not a photograph
     if any("strecha" in s for s in sources):  # ../shared/data is there: its other photos are used
         assert any("fountain-P11" in s for s in sources) and any("seq01_" in s for s in sources)
+
+
+def test_vga_photos_are_the_strecha_training_photos_a_640x480_view_sees_unmagnified() -> None:
+    sources = vga_photos()
+    if not any("strecha" in s for s in training_photos()):
+        pytest.skip("needs ../shared/data (the Strecha photos)")
+    assert sources and set(sources) <= set(training_photos())
+    assert all("strecha" in s and "Herz-Jesus" not in s for s in sources)
+    assert min(PhotoPairs(sources[:3]).photo(s).shape[0] for s in sources[:3]) >= 480 * 640 / 1024 - 1
+
+
+def test_photo_width_and_footprint_set_how_much_a_view_magnifies_the_photo() -> None:
+    """The view's footprint on the plane (frontal) is distance * width / fx: a wider share of a
+    wider photo shows more photo pixels per view pixel."""
+    rng = np.random.default_rng(1)
+    narrow = PhotoPairs(["skimage:astronaut"], max_tilt_deg=0.0, max_roll_deg=0.0)
+    wide = PhotoPairs(["skimage:astronaut"], max_tilt_deg=0.0, max_roll_deg=0.0, photo_width=1024,
+                      footprint=(0.6, 1.0))
+    assert narrow.photo("skimage:astronaut").shape[1] == 640 and wide.photo("skimage:astronaut").shape[1] == 1024
+
+    def photo_px_per_view_px(pairs: PhotoPairs) -> list[float]:
+        out = []
+        for _ in range(8):
+            for view in pairs.pair(K, False, rng):
+                distance_m = -view.T_world_cam[2, 3]  # untilted, the camera sits on the plane's normal at z < 0
+                out.append(distance_m * K.width / K.fx / PLANE_WIDTH_M * pairs.photo_width / K.width)
+        return out
+
+    # The astronaut is square, so a 4:3 view's widest fill is the whole photo width.
+    narrow_px, wide_px = photo_px_per_view_px(narrow), photo_px_per_view_px(wide)
+    assert 0.35 * 2 - 1e-6 <= min(narrow_px) and max(narrow_px) <= 0.8 * 2 + 1e-6
+    assert 0.6 * 3.2 - 1e-6 <= min(wide_px) and max(wide_px) <= 3.2 + 1e-6
+    with pytest.raises(ValueError, match="footprint"):
+        PhotoPairs(["skimage:astronaut"], footprint=(0.8, 0.5))
 
 
 def test_photo_pairs_see_a_common_part_of_the_photo_from_different_sides() -> None:

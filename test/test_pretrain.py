@@ -227,6 +227,35 @@ def test_the_fine_term_trains_the_encoder_to_place_matches_in_a_crop(bank: Path)
     assert end < 0.6 * start
 
 
+def test_the_fine_term_matches_the_same_photo_points_in_views_taller_than_the_working_height(monkeypatch) -> None:
+    """Views at twice the working height (fine photo pairs) go to the fine scale by their own factor:
+    with the encoder replaced by the cell means of the image, the two sides of every fine match read
+    the same value of a photo that is a ramp along x (and along y)."""
+    import aceg_model.pretrain as pretrain_module
+    from aceg_model.photo_pairs import look_at, plane_view
+
+    model = AcegModel(TINY)
+    monkeypatch.setattr(model.encoder, "normalize", lambda image: image)
+    # A cell's mean over a linear ramp is the ramp at the cell's centre: bilinear sampling of the
+    # cell means then reads the ramp at any pixel.
+    monkeypatch.setattr(model.encoder, "features", lambda crops: torch.nn.functional.avg_pool2d(crops, 8))
+    seen = []
+    monkeypatch.setattr(pretrain_module, "info_nce", lambda fa, fb: seen.append((fa, fb)) or fa.sum() * 0)
+    K = Intrinsics(130.0, 130.0, 83.5, 63.5, 168, 128)  # 2 x TINY's 64 px working height
+    poses = [look_at(np.zeros(3), 25.0, 30.0, 0.7, 0.0), look_at(np.array([0.05, 0.0, 0.0]), 20.0, 200.0, 0.6, 15.0)]
+    ramp_x = np.tile(np.linspace(0, 255, 256), (192, 1))
+    cfg = PretrainConfig(model=TINY, w_coords=0.0, w_reproj=0.0, w_fine=1.0, fine_points=32, fine_crop_px=32,
+                         fine_parts="nce")
+    for ramp in (ramp_x, np.tile(np.linspace(0, 255, 192)[:, None], (1, 256))):
+        photo = np.repeat(ramp[..., None], 3, 2).astype(np.uint8)
+        a, b = (plane_view(photo, K, T) for T in poses)
+        assert fine_crop_loss(model, a, b, cfg, np.random.default_rng(0)) is not None
+    (xa, xb), (ya, yb) = seen
+    assert len(xa) >= 8 and len(ya) == len(xa)  # the same draws on both photos
+    assert float(xa.std()) > 5 / 255 and float(ya.std()) > 5 / 255  # matches spread over the crop
+    assert float((xa - xb).abs().max()) < 2.5 / 255 and float((ya - yb).abs().max()) < 2.5 / 255
+
+
 def test_the_fine_terms_halves_sum_to_the_whole_on_the_same_draws(bank: Path) -> None:
     torch.manual_seed(2)
     model = AcegModel(TINY)
@@ -253,6 +282,23 @@ def test_the_fine_term_is_added_to_the_infonce_on_the_same_draws(bank: Path, tmp
     assert on["nce"] == pytest.approx(off["nce"], abs=1e-6)
     assert off["fine"] is None and on["fine"] > 0
     assert on["loss"] == pytest.approx(0.5 * on["nce"] + 0.5 * on["fine"], rel=1e-5)
+
+
+def test_fine_photo_pairs_replace_the_rendered_fine_pairs_on_the_same_coarse_draws(bank: Path, tmp_path: Path) -> None:
+    from aceg_model.photo_pairs import vga_photos
+
+    if not vga_photos():
+        pytest.skip("needs ../shared/data (the Strecha photos)")
+    logs = first_logged_steps(bank, tmp_path, TINY, {
+        "rendered": {"fine_points": 32, "w_fine": 0.5},
+        "photos": {"fine_points": 32, "w_fine": 0.5, "fine_photo_prob": 1.0, "fine_photo_height": 128}})
+    rendered, photos = logs["rendered"]["mapping"], logs["photos"]["mapping"]
+    assert photos["nce"] == pytest.approx(rendered["nce"], abs=1e-6)  # the fine draws have their own stream
+    assert photos["fine"] > 0 and photos["fine"] != pytest.approx(rendered["fine"], abs=1e-4)
+    with pytest.raises(ValueError, match="fine_photo_prob"):
+        PretrainConfig(fine_photo_prob=1.5)
+    with pytest.raises(ValueError, match="fine_photo_height"):
+        PretrainConfig(fine_photo_height=16)
 
 
 def test_pretrain_refuses_bad_loss_weights() -> None:

@@ -111,7 +111,8 @@ class PhotoPairs:
         if not self.sources:
             raise ValueError("no photos for photo pairs")
         if photo_width < 8 or not 0 < footprint[0] <= footprint[1]:
-            raise ValueError(f"need photo_width >= 8 and 0 < footprint[0] <= footprint[1], got {photo_width}, {footprint}")
+            raise ValueError(f"need photo_width >= 8 and 0 < footprint[0] <= footprint[1], "
+                             f"got {photo_width}, {footprint}")
         self.max_tilt_deg, self.max_roll_deg = max_tilt_deg, max_roll_deg
         self.photo_width, self.footprint = photo_width, footprint
         self._photos: dict[str, np.ndarray] = {}
@@ -128,9 +129,9 @@ class PhotoPairs:
 
     def pair(self, K: Intrinsics, query: bool, rng: np.random.Generator) -> tuple[View, View]:
         """Two views of one photo around the same point of it, each from its own tilt (up to
-        ``max_tilt_deg`` off the normal), side, distance (footprint ``footprint`` (default
-        0.35-0.8) of the widest view the photo fills) and roll. Photometric changes as for rendered pairs: mild on the first view, on
-        the second mild or, with ``query``, strong."""
+        ``max_tilt_deg`` off the normal), side, distance (footprint ``footprint``, by default
+        0.35-0.8, of the widest view the photo fills) and roll. Photometric changes as for rendered
+        pairs: mild on the first view, on the second mild or, with ``query``, strong."""
         source = self.sources[int(rng.integers(len(self.sources)))]
         photo = self.photo(source)
         ph, pw = photo.shape[:2]

@@ -15,8 +15,11 @@ Pairs, drawn with fixed seeds:
   encoding (3x) is of an upsampled image.
 - ``photo480``, ``photo720``: two views of a Strecha Herz-Jesus-P25 photo laid on a plane
   (``aceg_model/photo_pairs.py``; the second under a strong photometric change), rendered at 480 px
-  (a 640x480 camera's fine encoding) and at 720 px (crisp at the fine scale). Herz-Jesus is a tuning
-  sequence: measured here, never trained on.
+  (a 640x480 camera's fine encoding) and at 720 px. The photo is 640 px wide and a view shows
+  0.35-0.8 of it, so both views magnify it (1.4-3.2x at 480 px).
+- ``photo480sharp``: the same at 480 px from the photo at 1024 px, each view showing 0.6-1.0 of
+  it (0.7-1.2x its own pixels), as ``aceg-pretrain --fine-photo-prob`` draws its pairs: a sharp
+  640x480 camera. Herz-Jesus is a tuning sequence: measured here, never trained on.
 
 About 20 s per model on the 2-core CPU:
 
@@ -42,7 +45,7 @@ from aceg_model.pretrain_data import View, load_views, render_bank
 from aceg_model.scene import correspondences
 
 NAME = "fine_precision"
-SETS = ("generated/mapping", "generated/query", "photo480", "photo720")
+SETS = ("generated/mapping", "generated/query", "photo480", "photo720", "photo480sharp")
 SCALE, WINDOW_PX, START_PX = 3, 6, 4.0
 HERZ_JESUS = REPO.parent / "shared" / "data" / "strecha-mvs-gt" / "Herz-Jesus-P25" / "images"
 
@@ -80,8 +83,10 @@ def draw_pairs(name: str, bank: Path, n: int) -> list[tuple[View, View]]:
     scenes = [load_views(f) for f in sorted(bank.glob("scene-*[0-9].npz"))]
     if name.startswith("generated"):
         return [scenes[k % len(scenes)].view_pair(name.endswith("query"), rng) for k in range(n)]
-    photos = PhotoPairs([f"file:{p}" for p in sorted(HERZ_JESUS.glob("*.jpg"))])
-    K = scaled_camera(scenes[0].mapping[0].intrinsics, 2 if name == "photo480" else 3)
+    sources = [f"file:{p}" for p in sorted(HERZ_JESUS.glob("*.jpg"))]
+    sharp = name.endswith("sharp")  # the photo at 1024 px, 0.6-1.0 of it in view: 0.7-1.2x its own pixels
+    photos = PhotoPairs(sources, photo_width=1024, footprint=(0.6, 1.0)) if sharp else PhotoPairs(sources)
+    K = scaled_camera(scenes[0].mapping[0].intrinsics, 2 if name.startswith("photo480") else 3)
     return [photos.pair(K, True, rng) for _ in range(n)]
 
 

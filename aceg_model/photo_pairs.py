@@ -54,6 +54,13 @@ def vga_photos(use_shared: bool = True) -> list[str]:
     return [s for s in training_photos(use_shared) if photo_group(s) == "strecha"]
 
 
+def vga_photo_pairs(sources: list[str] | None = None) -> "PhotoPairs":
+    """Photo pairs for views of a 640x480 camera: the photos at 1024 px and each view showing
+    0.6-1.0 of what the photo fills, so a 480 px view sees the photo at 0.7-1.2x its own pixels
+    (``vga_photos`` by default)."""
+    return PhotoPairs(vga_photos() if sources is None else sources, photo_width=1024, footprint=(0.6, 1.0))
+
+
 def look_at(target_3: np.ndarray, tilt_deg: float, azimuth_deg: float, distance_m: float,
             roll_deg: float) -> np.ndarray:
     """Camera-to-world pose (OpenCV camera) looking at ``target_3`` on the plane z = 0 from

@@ -34,7 +34,7 @@ from aceg_model.epipolar_pairs import EpipolarPairs, PosedImage, epipolar_lines,
 from aceg_model.losses import (ReprojectionLossConfig, cell_line_distances, coords_nll, epipolar_nce, info_nce,
                                local_nce, reprojection_nll)
 from aceg_model.model import AcegModel, ModelConfig, prepare_image
-from aceg_model.photo_pairs import PhotoPairs, vga_photos
+from aceg_model.photo_pairs import PhotoPairs, vga_photo_pairs
 from aceg_model.pretrain_data import SceneViews, T_cam_map, View, load_views, patch_coords, zoomed_and_rolled
 from aceg_model.safe_files import read_meta
 from aceg_model.scene import correspondences, scene_coords
@@ -79,10 +79,9 @@ class PretrainConfig:
     # "local" (the features beside each match alone). Either half alone draws what both draw.
     fine_parts: str = "both"
     # A fine pair is, with this probability, two views of a real photo on a plane rendered at
-    # fine_photo_height (photo_pairs.vga_photos; footprint 0.6-1.0 of what the photo fills, so the
-    # photo is seen at 0.7-1.2x its own pixels) instead of the rendered pair. The rendered views are
-    # 240 px, so their fine encoding (3x) is of a thrice-magnified image; a 640x480 camera's query
-    # is magnified 1.5x. 0: off (stage 1f).
+    # fine_photo_height (photo_pairs.vga_photo_pairs: the photo seen at 0.7-1.2x its own pixels)
+    # instead of the rendered pair. The rendered views are 240 px, so their fine encoding (3x) is
+    # of a thrice-magnified image; a 640x480 camera's query is magnified 1.5x. 0: off (stage 1f).
     fine_photo_prob: float = 0.0
     fine_photo_height: int = 480
     # The second view of a pair is, with this probability, zoomed by a factor in
@@ -535,8 +534,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
     # The parameters every rank trains: an encoder-only run leaves the regressor without gradients.
     shared = list(model.parameters() if cfg.regresses else model.encoder.parameters())
     photos = PhotoPairs() if cfg.photo_pair_prob > 0 else None
-    fine_photos = PhotoPairs(vga_photos(), photo_width=1024, footprint=(0.6, 1.0)) \
-        if cfg.w_fine > 0 and cfg.fine_photo_prob > 0 else None
+    fine_photos = vga_photo_pairs() if cfg.w_fine > 0 and cfg.fine_photo_prob > 0 else None
     real_pairs = EpipolarPairs(cfg.model.image_height, max_gap=cfg.epi_max_gap,
                                fine_scale=cfg.fine_scale if cfg.w_epi_fine > 0 else None) if cfg.w_epi > 0 else None
     t0 = time.perf_counter()

@@ -77,15 +77,14 @@ def scaled_camera(view_K, factor: int):
 
 def draw_pairs(name: str, bank: Path, n: int) -> list[tuple[View, View]]:
     """``n`` view pairs of set ``name``, the same on every run."""
-    from aceg_model.photo_pairs import PhotoPairs
+    from aceg_model.photo_pairs import PhotoPairs, vga_photo_pairs
 
     rng = np.random.default_rng(7)
     scenes = [load_views(f) for f in sorted(bank.glob("scene-*[0-9].npz"))]
     if name.startswith("generated"):
         return [scenes[k % len(scenes)].view_pair(name.endswith("query"), rng) for k in range(n)]
     sources = [f"file:{p}" for p in sorted(HERZ_JESUS.glob("*.jpg"))]
-    sharp = name.endswith("sharp")  # the photo at 1024 px, 0.6-1.0 of it in view: 0.7-1.2x its own pixels
-    photos = PhotoPairs(sources, photo_width=1024, footprint=(0.6, 1.0)) if sharp else PhotoPairs(sources)
+    photos = vga_photo_pairs(sources) if name.endswith("sharp") else PhotoPairs(sources)
     K = scaled_camera(scenes[0].mapping[0].intrinsics, 2 if name.startswith("photo480") else 3)
     return [photos.pair(K, True, rng) for _ in range(n)]
 

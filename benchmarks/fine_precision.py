@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -69,12 +68,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def scaled_camera(view_K, factor: int):
-    """The working camera ``factor`` times larger (pixel-centre convention)."""
-    return replace(view_K, fx=view_K.fx * factor, fy=view_K.fy * factor, cx=(view_K.cx + 0.5) * factor - 0.5,
-                   cy=(view_K.cy + 0.5) * factor - 0.5, width=view_K.width * factor, height=view_K.height * factor)
-
-
 def draw_pairs(name: str, bank: Path, n: int) -> list[tuple[View, View]]:
     """``n`` view pairs of set ``name``, the same on every run."""
     from aceg_model.photo_pairs import PhotoPairs, vga_photo_pairs
@@ -85,7 +78,9 @@ def draw_pairs(name: str, bank: Path, n: int) -> list[tuple[View, View]]:
         return [scenes[k % len(scenes)].view_pair(name.endswith("query"), rng) for k in range(n)]
     sources = [f"file:{p}" for p in sorted(HERZ_JESUS.glob("*.jpg"))]
     photos = vga_photo_pairs(sources) if name.endswith("sharp") else PhotoPairs(sources)
-    K = scaled_camera(scenes[0].mapping[0].intrinsics, 2 if name.startswith("photo480") else 3)
+    working = scenes[0].mapping[0].intrinsics
+    factor = 2 if name.startswith("photo480") else 3
+    K = working.resized(working.width * factor, working.height * factor)
     return [photos.pair(K, True, rng) for _ in range(n)]
 
 

@@ -19,7 +19,7 @@
 # term's halves, both, nce (its InfoNCE among the crop's matches alone) or local (its loss against
 # the features beside each match alone). FINE_PHOTO_P (default 0): the probability that a fine pair is
 # two views of a real photo rendered at 480 px (a 640x480 camera's sharpness) instead of the rendered
-# pair (aceg_model/photo_pairs.py, vga_photos). EPI_W (default 0): the weight of the epipolar term (pairs
+# pair (aceg_model/photo_pairs.py, vga_photo_pairs). EPI_W (default 0): the weight of the epipolar term (pairs
 # of real posed photos, each point's matches asked to lie on its epipolar line;
 # aceg_model/epipolar_pairs.py). EPI_FINE_W (default 0; needs EPI_W): the weight of the same term at
 # the fine scale (crops of the pair's photos at 3x the working height; pretrain.py, fine_epipolar_loss).

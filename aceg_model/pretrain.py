@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from aceg_model.encoder import STRIDE, patch_centres
 from aceg_model.epipolar_pairs import EpipolarPairs, PosedImage, epipolar_lines, fundamental, lines_in_crop
+from aceg_model.frames import Intrinsics
 from aceg_model.losses import (ReprojectionLossConfig, cell_line_distances, coords_nll, epipolar_nce, info_nce,
                                local_nce, reprojection_nll)
 from aceg_model.model import AcegModel, ModelConfig, prepare_image
@@ -84,6 +85,10 @@ class PretrainConfig:
     # of a thrice-magnified image; a 640x480 camera's query is magnified 1.5x. 0: off (stage 1f).
     fine_photo_prob: float = 0.0
     fine_photo_height: int = 480
+    # Photo pairs of the same kind beside the rendered fine pairs rather than in their place: per
+    # iteration this many, in a term of their own at w_fine (logged "fine_photo"), so the rendered
+    # pairs' term is what stage 1f trains. 0: off.
+    fine_photo_extra: int = 0
     # The second view of a pair is, with this probability, zoomed by a factor in
     # [1/zoom_max, zoom_max] and rolled by up to roll_max_deg (pretrain_data.zoomed_and_rolled):
     # scale and in-plane rotation beyond those of the rendered camera paths. 0: off.
@@ -145,6 +150,8 @@ class PretrainConfig:
                              "0 < fine_min_px <= fine_max_px and fine_crop_px >= 4 * fine_max_px")
         if not 0 <= self.fine_photo_prob <= 1 or self.fine_photo_height < self.fine_crop_px:
             raise ValueError("fine_photo_prob must be in [0, 1] and fine_photo_height >= fine_crop_px")
+        if self.fine_photo_extra < 0 or (self.fine_photo_extra > 0 and self.w_fine == 0):
+            raise ValueError("fine_photo_extra must be >= 0 (and > 0 only with w_fine > 0)")
         if self.fine_parts not in FINE_PARTS:
             raise ValueError(f"fine_parts must be one of {', '.join(FINE_PARTS)}, not {self.fine_parts!r}")
         if not 0 <= self.photo_pair_prob <= 1:
@@ -534,7 +541,8 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
     # The parameters every rank trains: an encoder-only run leaves the regressor without gradients.
     shared = list(model.parameters() if cfg.regresses else model.encoder.parameters())
     photos = PhotoPairs() if cfg.photo_pair_prob > 0 else None
-    fine_photos = vga_photo_pairs() if cfg.w_fine > 0 and cfg.fine_photo_prob > 0 else None
+    fine_photos = vga_photo_pairs() if cfg.w_fine > 0 and (cfg.fine_photo_prob > 0 or cfg.fine_photo_extra > 0) \
+        else None
     real_pairs = EpipolarPairs(cfg.model.image_height, max_gap=cfg.epi_max_gap,
                                fine_scale=cfg.fine_scale if cfg.w_epi_fine > 0 else None) if cfg.w_epi > 0 else None
     t0 = time.perf_counter()
@@ -563,7 +571,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
             views = [warped(v, cfg, rng) if k % 2 else v for k, v in enumerate(views)]
             # Query iterations see codes as constants: only the network learns to generalize.
             codes = [pool.codes[i] if phase == "mapping" else pool.codes[i].detach() for i in slots]
-            l_coords = l_reproj = l_nce = l_local = l_fine = l_epi = l_epi_fine = feats = prepared = None
+            l_coords = l_reproj = l_nce = l_local = l_fine = l_fine_photo = l_epi = l_epi_fine = feats = prepared = None
             terms: list[torch.Tensor] = []
             stats: dict = {}
             if cfg.regresses:
@@ -582,12 +590,14 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
             if cfg.w_fine > 0:
                 # The first fine_pairs pairs that overlap (about half of the drawn pairs do not).
                 fine = []
+                def photo_pair(K: Intrinsics) -> tuple[View, View]:  # the photo seen by K at fine_photo_height
+                    return fine_photos.pair(K.resized(round(K.width * cfg.fine_photo_height / K.height),
+                                                      cfg.fine_photo_height), phase == "query", fine_rng)
+
                 for j in range(len(views) // 2):
                     pair = views[2 * j], views[2 * j + 1]
-                    if fine_photos is not None and fine_rng.random() < cfg.fine_photo_prob:
-                        K = pair[0].intrinsics
-                        pair = fine_photos.pair(K.resized(round(K.width * cfg.fine_photo_height / K.height),
-                                                          cfg.fine_photo_height), phase == "query", fine_rng)
+                    if cfg.fine_photo_prob > 0 and fine_rng.random() < cfg.fine_photo_prob:
+                        pair = photo_pair(pair[0].intrinsics)
                     f = fine_crop_loss(model, *pair, cfg, fine_rng)
                     fine += [] if f is None else [f]
                     if len(fine) == cfg.fine_pairs:
@@ -595,6 +605,12 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
                 if fine:
                     l_fine = torch.stack(fine).mean()
                     terms.append(cfg.w_fine * l_fine)
+                # Drawn after the rendered pairs, so that those draw what they draw without these.
+                extra = [f for f in (fine_crop_loss(model, *photo_pair(views[0].intrinsics), cfg, fine_rng)
+                                     for _ in range(cfg.fine_photo_extra)) if f is not None]
+                if extra:
+                    l_fine_photo = torch.stack(extra).mean()
+                    terms.append(cfg.w_fine * l_fine_photo)
             if real_pairs is not None:
                 l_epi, l_epi_fine = epipolar_pair_loss(model, *real_pairs.pair(epi_rng), cfg, phase == "query",
                                                        epi_rng, epi_fine_rng)
@@ -620,7 +636,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
                 for i in slots:
                     code_opts[i].step()
             named = (("coords", l_coords), ("reproj", l_reproj), ("nce", l_nce), ("local", l_local), ("fine", l_fine),
-                     ("epi", l_epi), ("epi_fine", l_epi_fine))
+                     ("fine_photo", l_fine_photo), ("epi", l_epi), ("epi_fine", l_epi_fine))
             log[phase] = {"loss": loss.item(), **{k: None if v is None else v.item() for k, v in named}, **stats}
         for i in slots:
             pool.uses[i] += 1
@@ -699,6 +715,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fine-photo-prob", type=float, default=PretrainConfig.fine_photo_prob,
                    help="probability that a fine pair is two views of a real photo on a plane rendered at "
                    "--fine-photo-height instead of the rendered pair (0: off)")
+    p.add_argument("--fine-photo-extra", type=int, default=PretrainConfig.fine_photo_extra,
+                   help="fine photo pairs per iteration beside the rendered fine pairs, in a term of their own "
+                   "at --w-fine (0: off)")
     p.add_argument("--fine-photo-height", type=int, default=PretrainConfig.fine_photo_height,
                    help="height of the fine photo pairs' views (px; 480: a 640x480 camera)")
     p.add_argument("--fine-scale", type=int, default=PretrainConfig.fine_scale,
@@ -737,7 +756,8 @@ def main(argv: list[str] | None = None) -> int:
                              w_local=args.w_local, local_min_px=args.local_min_px, local_max_px=args.local_max_px,
                              w_fine=args.w_fine, fine_scale=args.fine_scale,
                              fine_parts=args.fine_parts, fine_photo_prob=args.fine_photo_prob,
-                             fine_photo_height=args.fine_photo_height, w_epi=args.w_epi,
+                             fine_photo_height=args.fine_photo_height,
+                             fine_photo_extra=args.fine_photo_extra, w_epi=args.w_epi,
                              epi_band_px=args.epi_band_px, w_epi_fine=args.w_epi_fine,
                              epi_fine_band_px=args.epi_fine_band_px)
     except ValueError as e:

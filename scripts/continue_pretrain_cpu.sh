@@ -3,7 +3,7 @@
 # regressor's query projection refitted to the new features: the recipe behind the latest
 # models/aceg_small.safetensors (models/README.md, "Stage 1b", "Stage 1c" and "Stage 1f";
 # stage 1f: BANK_FIRST_SEED=5000 WARP_PROB=0.5 FINE_W=0.5 from stage 1c).
-#   [BANK_FIRST_SEED=S] [WARP_PROB=P] [WIDE_PROB=P] [PHOTO_PROB=P] [LOCAL_W=W] [FINE_W=W] [FINE_PARTS=P] [FINE_PHOTO_P=P] [EPI_W=W] [EPI_FINE_W=W] ./scripts/continue_pretrain_cpu.sh INIT OUT [STEPS] [SEED]
+#   [BANK_FIRST_SEED=S] [WARP_PROB=P] [WIDE_PROB=P] [PHOTO_PROB=P] [LOCAL_W=W] [FINE_W=W] [FINE_PARTS=P] [FINE_PHOTO_P=P] [FINE_PHOTO_EXTRA=N] [EPI_W=W] [EPI_FINE_W=W] ./scripts/continue_pretrain_cpu.sh INIT OUT [STEPS] [SEED]
 # INIT: the model to continue from; OUT/model.safetensors is the encoder run's output and
 # OUT/pca/model.safetensors the model to use. The bank (170 generated scenes from seed
 # BANK_FIRST_SEED, default 3000; the few without a camera path are skipped) is rendered into
@@ -19,7 +19,8 @@
 # term's halves, both, nce (its InfoNCE among the crop's matches alone) or local (its loss against
 # the features beside each match alone). FINE_PHOTO_P (default 0): the probability that a fine pair is
 # two views of a real photo rendered at 480 px (a 640x480 camera's sharpness) instead of the rendered
-# pair (aceg_model/photo_pairs.py, vga_photo_pairs). EPI_W (default 0): the weight of the epipolar term (pairs
+# pair (aceg_model/photo_pairs.py, vga_photo_pairs). FINE_PHOTO_EXTRA (default 0): such photo pairs per
+# iteration beside the rendered fine pairs, in a term of their own at FINE_W. EPI_W (default 0): the weight of the epipolar term (pairs
 # of real posed photos, each point's matches asked to lie on its epipolar line;
 # aceg_model/epipolar_pairs.py). EPI_FINE_W (default 0; needs EPI_W): the weight of the same term at
 # the fine scale (crops of the pair's photos at 3x the working height; pretrain.py, fine_epipolar_loss).
@@ -37,6 +38,7 @@ LOCAL_W="${LOCAL_W:-0}"
 FINE_W="${FINE_W:-0}"
 FINE_PARTS="${FINE_PARTS:-both}"
 FINE_PHOTO_P="${FINE_PHOTO_P:-0}"
+FINE_PHOTO_EXTRA="${FINE_PHOTO_EXTRA:-0}"
 EPI_W="${EPI_W:-0}"
 EPI_FINE_W="${EPI_FINE_W:-0}"
 BANK="runs/bank-$BANK_FIRST_SEED"
@@ -49,7 +51,8 @@ sleep 20  # the first scenes; training waits for more as it needs them
 python -m aceg_model.pretrain --out "$OUT" --steps "$STEPS" --scenes-in-pool 8 --scene-uses 100 --bank "$BANK" \
   --init "$INIT" --lr 1e-4 --w-coords 0 --w-reproj 0 --seed "$SEED" --warp-prob "$WARP_PROB" \
   --wide-pair-prob "$WIDE_PROB" --photo-pair-prob "$PHOTO_PROB" \
-  --w-local "$LOCAL_W" --w-fine "$FINE_W" --fine-parts "$FINE_PARTS" --fine-photo-prob "$FINE_PHOTO_P" --w-epi "$EPI_W" --w-epi-fine "$EPI_FINE_W"
+  --w-local "$LOCAL_W" --w-fine "$FINE_W" --fine-parts "$FINE_PARTS" --fine-photo-prob "$FINE_PHOTO_P" \
+  --fine-photo-extra "$FINE_PHOTO_EXTRA" --w-epi "$EPI_W" --w-epi-fine "$EPI_FINE_W"
 wait "$BANK_PID"
 trap - EXIT
 python -m aceg_model.pretrain_data runs/bank8 --first-seed 0 --count 8

@@ -301,6 +301,25 @@ def test_fine_photo_pairs_replace_the_rendered_fine_pairs_on_the_same_coarse_dra
         PretrainConfig(fine_photo_height=16)
 
 
+def test_extra_fine_photo_pairs_add_their_own_term_beside_the_same_rendered_fine_pairs(bank: Path,
+                                                                                     tmp_path: Path) -> None:
+    from aceg_model.photo_pairs import vga_photos
+
+    if not vga_photos():
+        pytest.skip("needs ../shared/data (the Strecha photos)")
+    logs = first_logged_steps(bank, tmp_path, TINY, {
+        "rendered": {"fine_points": 32, "w_fine": 0.5},
+        "extra": {"fine_points": 32, "w_fine": 0.5, "fine_photo_extra": 1, "fine_photo_height": 128}})
+    rendered, extra = logs["rendered"]["mapping"], logs["extra"]["mapping"]
+    # The photo pairs are drawn after the rendered ones: those and the coarse term draw what they drew.
+    assert extra["nce"] == pytest.approx(rendered["nce"], abs=1e-6)
+    assert extra["fine"] == pytest.approx(rendered["fine"], abs=1e-6)
+    assert rendered["fine_photo"] is None and extra["fine_photo"] > 0
+    assert extra["loss"] == pytest.approx(0.5 * (extra["nce"] + extra["fine"] + extra["fine_photo"]), rel=1e-5)
+    with pytest.raises(ValueError, match="fine_photo_extra"):
+        PretrainConfig(fine_photo_extra=1)  # w_fine is 0
+
+
 def test_pretrain_refuses_bad_loss_weights() -> None:
     with pytest.raises(ValueError, match="loss weights"):
         PretrainConfig(w_coords=0.0, w_reproj=0.0, w_nce=0.0)

@@ -284,15 +284,21 @@ def test_the_fine_term_is_added_to_the_infonce_on_the_same_draws(bank: Path, tmp
     assert on["loss"] == pytest.approx(0.5 * on["nce"] + 0.5 * on["fine"], rel=1e-5)
 
 
-def test_fine_photo_pairs_replace_the_rendered_fine_pairs_on_the_same_coarse_draws(bank: Path, tmp_path: Path) -> None:
+def rendered_and_photo_fine_steps(bank: Path, tmp_path: Path, photo_settings: dict) -> tuple[dict, dict]:
+    """The first mapping iteration's logged losses with the fine term on rendered pairs alone, and
+    with ``photo_settings`` for its photo pairs (at 128 px) on the same start."""
     from aceg_model.photo_pairs import vga_photos
 
     if not vga_photos():
         pytest.skip("needs ../shared/data (the Strecha photos)")
+    fine = {"fine_points": 32, "w_fine": 0.5}
     logs = first_logged_steps(bank, tmp_path, TINY, {
-        "rendered": {"fine_points": 32, "w_fine": 0.5},
-        "photos": {"fine_points": 32, "w_fine": 0.5, "fine_photo_prob": 1.0, "fine_photo_height": 128}})
-    rendered, photos = logs["rendered"]["mapping"], logs["photos"]["mapping"]
+        "rendered": fine, "photos": {**fine, **photo_settings, "fine_photo_height": 128}})
+    return logs["rendered"]["mapping"], logs["photos"]["mapping"]
+
+
+def test_fine_photo_pairs_replace_the_rendered_fine_pairs_on_the_same_coarse_draws(bank: Path, tmp_path: Path) -> None:
+    rendered, photos = rendered_and_photo_fine_steps(bank, tmp_path, {"fine_photo_prob": 1.0})
     assert photos["nce"] == pytest.approx(rendered["nce"], abs=1e-6)  # the fine draws have their own stream
     assert photos["fine"] > 0 and photos["fine"] != pytest.approx(rendered["fine"], abs=1e-4)
     with pytest.raises(ValueError, match="fine_photo_prob"):
@@ -303,14 +309,7 @@ def test_fine_photo_pairs_replace_the_rendered_fine_pairs_on_the_same_coarse_dra
 
 def test_extra_fine_photo_pairs_add_their_own_term_beside_the_same_rendered_fine_pairs(bank: Path,
                                                                                      tmp_path: Path) -> None:
-    from aceg_model.photo_pairs import vga_photos
-
-    if not vga_photos():
-        pytest.skip("needs ../shared/data (the Strecha photos)")
-    logs = first_logged_steps(bank, tmp_path, TINY, {
-        "rendered": {"fine_points": 32, "w_fine": 0.5},
-        "extra": {"fine_points": 32, "w_fine": 0.5, "fine_photo_extra": 1, "fine_photo_height": 128}})
-    rendered, extra = logs["rendered"]["mapping"], logs["extra"]["mapping"]
+    rendered, extra = rendered_and_photo_fine_steps(bank, tmp_path, {"fine_photo_extra": 1})
     # The photo pairs are drawn after the rendered ones: those and the coarse term draw what they drew.
     assert extra["nce"] == pytest.approx(rendered["nce"], abs=1e-6)
     assert extra["fine"] == pytest.approx(rendered["fine"], abs=1e-6)

@@ -588,12 +588,12 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, resume: bool = True, time_budge
                 l_nce, l_local = matched
                 terms.append(cfg.w_nce * (l_nce if l_local is None else l_nce + cfg.w_local * l_local))
             if cfg.w_fine > 0:
-                # The first fine_pairs pairs that overlap (about half of the drawn pairs do not).
-                fine = []
-                def photo_pair(K: Intrinsics) -> tuple[View, View]:  # the photo seen by K at fine_photo_height
+                def photo_pair(K: Intrinsics) -> tuple[View, View]:  # a real photo seen by K at fine_photo_height
                     return fine_photos.pair(K.resized(round(K.width * cfg.fine_photo_height / K.height),
                                                       cfg.fine_photo_height), phase == "query", fine_rng)
 
+                # The first fine_pairs pairs that overlap (about half of the drawn pairs do not).
+                fine = []
                 for j in range(len(views) // 2):
                     pair = views[2 * j], views[2 * j + 1]
                     if cfg.fine_photo_prob > 0 and fine_rng.random() < cfg.fine_photo_prob:

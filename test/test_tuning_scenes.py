@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO, shared_dataset
 
@@ -112,3 +113,32 @@ def test_generated_block_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert [int(n.split("-")[1]) for n in mapping] == [0, 1, 4, 5]
     assert [int(n.split("-")[1]) for n in query] == [2, 3]
     assert not (tmp_path / "blk1.partial").exists()
+
+
+def test_jittered_poses_move_each_frame_by_the_stated_noise_and_leave_images_alone() -> None:
+    from scipy.spatial.transform import Rotation
+
+    frames = tuning_scenes.open_split(shared_dataset("kitti-odometry-snippets/seq06_frames000-050"), "even")
+    jittered = tuning_scenes.JitteredPoses(frames, sigma_mm=3.0, sigma_deg=0.1, seed=1)
+    assert len(jittered) == len(frames) and jittered.names == frames.names
+    moves_mm, turns_deg = [], []
+    for i in range(len(frames)):
+        given, moved = frames[i], jittered[i]
+        assert (moved.image == given.image).all()
+        np.testing.assert_allclose(jittered.pose(i), moved.T_world_cam)  # pose() without the image agrees
+        delta = np.linalg.inv(given.T_world_cam) @ moved.T_world_cam  # in the camera frame
+        moves_mm.append(1e3 * delta[:3, 3])
+        turns_deg.append(np.rad2deg(Rotation.from_matrix(delta[:3, :3]).as_rotvec()))
+    # Per axis RMS near the sigmas (26 frames x 3 axes), and no frame left as given.
+    assert 2.2 < np.sqrt(np.mean(np.square(moves_mm))) < 3.8
+    assert 0.07 < np.sqrt(np.mean(np.square(turns_deg))) < 0.13
+    assert np.linalg.norm(moves_mm, axis=1).min() > 0
+    # The same noise on every read.
+    np.testing.assert_array_equal(jittered.pose(3), tuning_scenes.JitteredPoses(frames, 3.0, 0.1, seed=1).pose(3))
+
+
+def test_the_jittered_room_maps_room900001_and_keeps_its_queries() -> None:
+    by_scene = {job.scene: job for job in tuning_scenes.jobs(Path("scenes"))}
+    room, jittered = by_scene["room900001"], by_scene["room900001-jitter"]
+    assert jittered.data == room.data and jittered.queries == room.queries and jittered.mapping == room.mapping
+    assert room.pose_jitter is None and jittered.pose_jitter == (3.0, 0.1)

@@ -139,6 +139,6 @@ def test_jittered_poses_move_each_frame_by_the_stated_noise_and_leave_images_alo
 
 def test_the_jittered_room_maps_room900001_and_keeps_its_queries() -> None:
     by_scene = {job.scene: job for job in tuning_scenes.jobs(Path("scenes"))}
-    room, jittered = by_scene["room900001"], by_scene["room900001-jitter"]
+    room, jittered = by_scene["room900001"], by_scene["jitter900001"]
     assert jittered.data == room.data and jittered.queries == room.queries and jittered.mapping == room.mapping
     assert room.pose_jitter is None and jittered.pose_jitter == (3.0, 0.1)

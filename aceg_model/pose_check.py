@@ -111,13 +111,22 @@ def select_moment_pairs(poses_I44: np.ndarray, config: PoseCheckConfig) -> list[
     return pairs
 
 
-def _consistent(pair: PairMatches, distortion: RadialDistortion, ransac_px: float) -> np.ndarray:
-    """The matches an essential matrix of their own explains (the poses play no part)."""
-    na = normalized(pair.xa_N2, pair.intrinsics_a, distortion)
-    nb = normalized(pair.xb_N2, pair.intrinsics_b, distortion)
-    f = 0.5 * (pair.intrinsics_a.fx + pair.intrinsics_a.fy)
-    _, mask = cv2.findEssentialMat(na, nb, np.eye(3), cv2.RANSAC, 0.999, ransac_px / f)
-    return np.zeros(len(na), dtype=bool) if mask is None else mask.ravel() > 0
+def consistent_matches(pairs: list[PairMatches], distortion: RadialDistortion, min_inliers: int,
+                       ransac_px: float) -> list[PairMatches]:
+    """Each pair's matches that an essential matrix of their own explains (the poses play no part),
+    for the pairs with at least ``min_inliers`` of them."""
+    out = []
+    for pair in pairs:
+        if len(pair.xa_N2) < min_inliers:
+            continue
+        na = normalized(pair.xa_N2, pair.intrinsics_a, distortion)
+        nb = normalized(pair.xb_N2, pair.intrinsics_b, distortion)
+        f = 0.5 * (pair.intrinsics_a.fx + pair.intrinsics_a.fy)
+        _, mask = cv2.findEssentialMat(na, nb, np.eye(3), cv2.RANSAC, 0.999, ransac_px / f)
+        keep = np.zeros(len(na), dtype=bool) if mask is None else mask.ravel() > 0
+        if keep.sum() >= min_inliers:
+            out.append(replace(pair, xa_N2=pair.xa_N2[keep], xb_N2=pair.xb_N2[keep]))
+    return out
 
 
 def check_poses(frames: Sequence[Frame], distortion: RadialDistortion | None = None,
@@ -130,16 +139,10 @@ def check_poses(frames: Sequence[Frame], distortion: RadialDistortion | None = N
     poses = np.stack([frame_pose(frames, i) for i in range(len(frames))])
     # Matching as the lens estimate does, but keeping matches whatever the poses say.
     matching = replace(LensConfig(), max_epipolar_px=float("inf"))
-    checked = []
-    for pair in match_pairs(frames, select_moment_pairs(poses, cfg), matching):
-        if len(pair.xa_N2) < cfg.min_inliers:
-            continue
-        keep = _consistent(pair, distortion, cfg.ransac_px)
-        if keep.sum() < cfg.min_inliers:
-            continue
-        kept = replace(pair, xa_N2=pair.xa_N2[keep], xb_N2=pair.xb_N2[keep])
-        checked.append(PairCheck(*pair.frames_ab, float(np.median(epipolar_px(kept, distortion))), int(keep.sum()),
-                                 pair.names_ab))
+    checked = [PairCheck(*pair.frames_ab, float(np.median(epipolar_px(pair, distortion))), len(pair.xa_N2),
+                         pair.names_ab)
+               for pair in consistent_matches(match_pairs(frames, select_moment_pairs(poses, cfg), matching),
+                                              distortion, cfg.min_inliers, cfg.ransac_px)]
     return PoseCheck(checked, _stretches(checked, cfg.warn_px), cfg.warn_px, time.perf_counter() - t0)
 
 

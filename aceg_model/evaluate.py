@@ -31,6 +31,7 @@ from aceg_model.metrics import accuracy_summary, covariance_summary, position_co
 from aceg_model.model import AcegModel, pick_device
 from aceg_model.pnp import PnPConfig
 from aceg_model.pose_check import pose_check_summary
+from aceg_model.pose_refinement import PoseRefinementConfig, refinement_summary
 from aceg_model.visits import VisitConfig
 
 PERTURBATIONS = ("darker", "tinted", "blurred")
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="take the poses as the camera's (do not estimate its mount on the pose frame; ablation)")
     p.add_argument("--no-pose-check", action="store_true",
                    help="do not compare the mapping poses with the images (pairs a moment apart; a report only)")
+    p.add_argument("--refine-poses", action=argparse.BooleanOptionalAction, default=PoseRefinementConfig.enabled,
+                   help="correct the mapping poses from the mapping images before mapping (an epipolar bundle "
+                        "adjustment of SIFT-matched image pairs)")
     p.add_argument("--visit-window", type=float, default=VisitConfig.window_s,
                    help="seconds of the mapping sequence a landmark belongs to around its seed image; "
                         "0 = off (ablation)")
@@ -199,7 +203,7 @@ def run_method(args: argparse.Namespace, model: AcegModel, device: torch.device,
     Returns the JSON result and the lines that introduce it in the printout."""
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    pose_check, lens_estimate, consistency = None, None, None
+    pose_check, lens_estimate, consistency, refinement = None, None, None, None
     if map_file:
         scene_map = SceneMap.load(map_file, model)
         mapping_seconds = 0.0
@@ -209,10 +213,12 @@ def run_method(args: argparse.Namespace, model: AcegModel, device: torch.device,
                                 sweep_seeds=not args.fixed_depth_seeds, sweep_scale=args.sweep_scale,
                                 photo_depth=not args.no_photo_depth, estimate_lens=not args.no_lens_estimate,
                                 estimate_mount=not args.no_mount_estimate,
-                                visit_window_s=args.visit_window, check_poses=check_poses)
+                                visit_window_s=args.visit_window, check_poses=check_poses,
+                                refine_poses=args.refine_poses)
         scene_map, report = map_scene(model, mapping, config, progress, pnp)
         bar.close()
         pose_check, lens_estimate, consistency = report.pose_check, report.lens, report.consistency
+        refinement = report.pose_refinement
         mapping_seconds = time.perf_counter() - t0
         if save_map:
             scene_map.save(save_map)
@@ -224,6 +230,7 @@ def run_method(args: argparse.Namespace, model: AcegModel, device: torch.device,
               "lens": None if scene_map.lens is None else scene_map.lens.to_meta(),
               "lens_estimate": None if lens_estimate is None else lens_summary(lens_estimate),
               "pose_check": None if pose_check is None else pose_check.to_json(),
+              "pose_refinement": None if refinement is None else refinement.to_json(),
               "consistency": None if consistency is None else consistency.to_json(),
               "map_floor": localizer.adds_map_floor,
               "visit_window_s": None if scene_map.views is None else scene_map.views.window_s,
@@ -238,6 +245,8 @@ def run_method(args: argparse.Namespace, model: AcegModel, device: torch.device,
     header = [f"{method}: mapping {mapping_seconds:.0f} s, {len(queries)} queries, {describe(localizer, scene_map)}"]
     if pose_check is not None:
         header.append(f"  {pose_check_summary(pose_check)}")
+    if refinement is not None:
+        header.append(f"  {refinement_summary(refinement)}")
     if not map_file:
         header.append(f"  visits: {consistency_summary(consistency)}")
     return result, header

@@ -36,6 +36,7 @@ from aceg_model.photo_depth import (GreyViews, LandmarkWindows, PhotoDepthConfig
 from aceg_model.pixel_refinement import encode_fine, refine_pixels
 from aceg_model.pnp import PnPConfig
 from aceg_model.pose_check import PoseCheck, PoseCheckConfig, check_poses
+from aceg_model.pose_refinement import PosedFrames, PoseRefinement, PoseRefinementConfig, refine_poses
 from aceg_model.visits import MappingViews, VisitConfig, same_visit, visit_masks
 
 MAP_KIND = "aceg-map"
@@ -84,6 +85,9 @@ class MappingConfig:
     # Whether the poses agree with the images, pair by pair a moment apart; reported, not
     # corrected (``aceg_model.pose_check``).
     pose_check: PoseCheckConfig = field(default_factory=PoseCheckConfig)
+    # The poses corrected from the images before anything is triangulated from them: an epipolar
+    # bundle adjustment of matched image pairs (``aceg_model.pose_refinement``).
+    pose_refinement: PoseRefinementConfig = field(default_factory=PoseRefinementConfig)
     # Each landmark kept to the stretch of the mapping sequence it was seeded in, so that the drift
     # between two visits of a place does not blur it (``aceg_model.visits``; ACE-G only).
     visits: VisitConfig = field(default_factory=VisitConfig)
@@ -107,14 +111,16 @@ def mapping_config(*, method: str = "aceg", iterations: int = MappingConfig.iter
                    batch_patches: int = MappingConfig.batch_patches, sweep_seeds: bool = True,
                    sweep_scale: int = SweepConfig.scale, photo_depth: bool = True, estimate_lens: bool = True,
                    estimate_mount: bool = True, visit_window_s: float = VisitConfig.window_s,
-                   check_poses: bool = True) -> MappingConfig:
+                   check_poses: bool = True,
+                   refine_poses: bool = PoseRefinementConfig.enabled) -> MappingConfig:
     """A ``MappingConfig`` from the flat options the tools offer (``aceg-map``, ``aceg-eval``, the
     node's ``mapping.*`` parameters); the rest keep their defaults. ValueError if invalid."""
     return MappingConfig(method=method, iterations=iterations, batch_patches=batch_patches, sweep_seeds=sweep_seeds,
                          sweep=SweepConfig(scale=sweep_scale), photo_depth=PhotoDepthConfig(enabled=photo_depth),
                          lens=LensConfig(estimate=estimate_lens, estimate_mount=estimate_mount),
                          visits=VisitConfig(window_s=visit_window_s),
-                         pose_check=PoseCheckConfig(enabled=check_poses))
+                         pose_check=PoseCheckConfig(enabled=check_poses),
+                         pose_refinement=PoseRefinementConfig(enabled=refine_poses))
 
 
 def make_head(model: AcegModel, method: str, seed: int = 0) -> torch.nn.Module:
@@ -323,12 +329,15 @@ class MappingReport:
     lens: LensEstimate | None = None  # None when the estimate was switched off
     pose_check: PoseCheck | None = None  # None when the check was switched off
     consistency: ConsistencyReport | None = None  # None when switched off or without visits
+    pose_refinement: PoseRefinement | None = None  # None when switched off
 
     @property
     def seconds(self) -> float:
         return (self.seconds_encode + self.seconds_seed + self.seconds_optimize
                 + (self.lens.seconds if self.lens else 0) + (self.pose_check.seconds if self.pose_check else 0)
-                + (self.consistency.seconds if self.consistency else 0))
+                + (self.consistency.seconds if self.consistency else 0)
+                + (self.pose_refinement.seconds_match + self.pose_refinement.seconds_solve
+                   if self.pose_refinement else 0))
 
 
 @dataclass
@@ -516,15 +525,26 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
                                     "mount_cm": 100 * lens_estimate.mount.offset_m, "reason": lens_estimate.reason})
         if lens_estimate.accepted or lens_estimate.mount_accepted:
             lens = MappingLens(frames[0].intrinsics, lens_estimate.distortion, lens_estimate.mount)
+    # The camera's poses, through its mount; the check and the refinement remove the lens themselves.
+    cameras = frames if lens is None else CorrectedFrames(frames, RadialDistortion(), lens.mount)
     pose_check = None
     if cfg.pose_check.enabled:
         if progress:
             progress("pose check", 0, 1, {})
-        # The camera's poses, through its mount; the check removes the lens itself.
-        checked = frames if lens is None else CorrectedFrames(frames, RadialDistortion(), lens.mount)
-        pose_check = check_poses(checked, lens.distortion if lens else None, cfg.pose_check)
+        pose_check = check_poses(cameras, lens.distortion if lens else None, cfg.pose_check)
         if progress:
             progress("pose check", 1, 1, {"median_px": pose_check.median_px, "flagged": len(pose_check.flagged)})
+    refinement = None
+    if cfg.pose_refinement.enabled:
+        if progress:
+            progress("pose refinement", 0, 1, {})
+        refinement = refine_poses(cameras, lens.distortion if lens else None, cfg.pose_refinement)
+        if progress:
+            progress("pose refinement", 1, 1, {"pairs": refinement.n_pairs, "moved_mm": refinement.median_move_mm,
+                                               "px_after": refinement.median_px_after})
+        # From here on the corrected poses stand for the given ones, back in the pose frame.
+        T_camera_pose = np.linalg.inv(lens.mount.T_pose_camera) if lens else np.eye(4)
+        frames = PosedFrames(frames, refinement.poses_I44 @ T_camera_pose)
     given = frames  # the consistency check localizes them as a query would come: lens and all
     if lens is not None:
         frames = CorrectedFrames(frames, lens.distortion, lens.mount)
@@ -599,7 +619,8 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
         views = MappingViews.from_poses(T_world_cam_I44, cache.stamps_I.cpu().numpy(), seed_images_M.cpu().numpy(),
                                         cfg.visits.window_s)
     report = MappingReport(cfg.method, len(frames), n, cfg.iterations, loss_val, stats["median_px"],
-                           stats["valid"], t_encode, t_seed, t_opt, lens_estimate, pose_check)
+                           stats["valid"], t_encode, t_seed, t_opt, lens_estimate, pose_check,
+                           pose_refinement=refinement)
     meta = {
         "model_hash": model.model_hash(),
         "scene_frame": "map: the mapping poses' world frame; scene coords = centre + head output (m)",
@@ -608,6 +629,8 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
         "mapping": asdict(cfg),
         "report": asdict(report),
     }
+    if refinement is not None:  # its poses are the map's business, not its metadata's
+        meta["report"]["pose_refinement"] = refinement.to_json()
     scene_map = SceneMap(head.eval(), centre_3, meta, fine, windows, lens, views)
     if cfg.consistency.enabled and views is not None:
         if progress:

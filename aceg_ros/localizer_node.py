@@ -869,6 +869,7 @@ class AcegLocalizer(LifecycleNode):
         from aceg_model.mapping import map_scene, mapping_config
         from aceg_model.map_consistency import consistency_summary
         from aceg_model.pose_check import pose_check_summary
+        from aceg_model.pose_refinement import refinement_summary
         from aceg_ros.bag_io import read_bag_frames
 
         log = self.get_logger()
@@ -904,7 +905,7 @@ class AcegLocalizer(LifecycleNode):
                                  batch_patches=v["mapping.batch_patches"], sweep_scale=v["mapping.sweep_scale"],
                                  photo_depth=v["mapping.photo_depth"], estimate_lens=v["mapping.estimate_lens"],
                                  estimate_mount=v["mapping.estimate_mount"], check_poses=v["mapping.check_poses"],
-                                 visit_window_s=v["mapping.visit_window_s"])
+                                 refine_poses=v["mapping.refine_poses"], visit_window_s=v["mapping.visit_window_s"])
             scene_map, rep = map_scene(self._model, frames, cfg, progress, P.pnp_config(v))
             out = Path(job.output).expanduser()
             progress("writing", 0, 1, {})
@@ -926,6 +927,7 @@ class AcegLocalizer(LifecycleNode):
                            f"median reprojection {rep.final_median_px:.1f} px; lens: "
                            f"{'not estimated' if rep.lens is None else lens_summary(rep.lens)}; "
                            f"{'poses not checked' if rep.pose_check is None else pose_check_summary(rep.pose_check)}; "
+                           f"{'' if rep.pose_refinement is None else refinement_summary(rep.pose_refinement) + '; '}"
                            f"visits: {consistency_summary(rep.consistency)}; wrote {out} and swapped it in")
         except _MappingCancelled:
             job.success, job.message = False, "mapping cancelled (node cleaned up or shut down); no map written"

@@ -46,6 +46,7 @@ from aceg_model.evaluate import evaluate_queries
 from aceg_model.frames import Frame
 from aceg_model.localizer import Localizer
 from aceg_model.mapping import MappingConfig, map_scene
+from aceg_model.pose_refinement import PoseRefinementConfig
 from aceg_model.model import pick_device
 from aceg_model.pnp import PnPConfig
 from aceg_model.scene.cli import write_scene
@@ -240,7 +241,8 @@ def evaluate(args: argparse.Namespace) -> int:
         print(f"{job.scene}: mapping {len(mapping)} frames ({job.mapping}{jitter}), seed {seed}", flush=True)
         torch.manual_seed(seed)
         t0 = time.perf_counter()
-        scene_map, _ = map_scene(model, mapping, MappingConfig())
+        config = MappingConfig(pose_refinement=PoseRefinementConfig(enabled=args.refine_poses))
+        scene_map, _ = map_scene(model, mapping, config)
         mapping_s = time.perf_counter() - t0
         localizer = Localizer(model, scene_map, PnPConfig())
         for s in sets:
@@ -316,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="map every scene once per seed (torch.manual_seed before mapping): two maps of one model "
                         "differ by a frame or two of KITTI's 25, so a choice wants the spread; results of seed N "
                         "other than 0 are named <scene>/<set>@seedN")
+    p.add_argument("--refine-poses", action=argparse.BooleanOptionalAction, default=PoseRefinementConfig.enabled,
+                   help="correct the mapping poses from the mapping images before mapping (aceg_model.pose_refinement)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--table", nargs="+", type=Path, metavar="JSON", default=None,
                    help="print a markdown table of these result files instead of evaluating")

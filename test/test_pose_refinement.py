@@ -155,6 +155,9 @@ def test_bad_settings_are_refused() -> None:
         PoseRefinementConfig(min_inliers=4)
     with pytest.raises(ValueError, match="prior_m"):
         PoseRefinementConfig(prior_m=0.0)
+    with pytest.raises(ValueError, match="anchor_images"):
+        PoseRefinementConfig(anchor_images=-1)
+    assert PoseRefinementConfig(anchor_images=0).anchor_images == 0  # no anchor is a valid choice
 
 
 def test_the_sampson_gradient_is_that_of_autograd() -> None:

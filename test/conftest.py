@@ -30,6 +30,20 @@ def small_room(seed: int, mapping_frames: int, relit_queries: int = 0, light_gai
     return generate_scene(seed, cfg)
 
 
+def quick_mapping_config(**overrides):
+    """Mapping settings for tests of what happens around the landmarks (lens, mount, files): no
+    NCC sharpening of the sweep's depths and no consistency probes, a third of a small room's
+    mapping time at the shipped settings. (The sweep at the working resolution instead would save
+    more, and leaves the queries 1-3 cm off.) Tests of the landmarks themselves map with the defaults."""
+    from aceg_model.map_consistency import ConsistencyConfig
+    from aceg_model.mapping import MappingConfig
+    from aceg_model.photo_depth import PhotoDepthConfig
+
+    settings = dict(iterations=150, batch_patches=2048, photo_depth=PhotoDepthConfig(enabled=False),
+                    consistency=ConsistencyConfig(enabled=False))
+    return MappingConfig(**{**settings, **overrides})
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # pytest already fails on "no tests collected" (exit 5); also fail a run in
     # which tests were collected but none passed (all skipped or deselected).

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import small_room
+from conftest import quick_mapping_config, small_room
 
 from aceg_model.camera_mount import CameraMount
 from aceg_model.frames import Intrinsics
@@ -113,7 +113,7 @@ def test_mapping_corrects_the_mount_and_queries_come_back_in_the_pose_frame(scen
     import torch
 
     from aceg_model.localizer import Localizer
-    from aceg_model.mapping import MappingConfig, SceneMap, map_scene
+    from aceg_model.mapping import SceneMap, map_scene
     from aceg_model.model import AcegModel
 
     model = AcegModel.load(CHECKPOINT)
@@ -121,7 +121,7 @@ def test_mapping_corrects_the_mount_and_queries_come_back_in_the_pose_frame(scen
     queries = in_pose_frame(scene.queries["lighting"], MOUNT)  # ground truth of the pose frame
 
     torch.manual_seed(0)
-    scene_map, report = map_scene(model, mapping, MappingConfig(iterations=150, batch_patches=2048))
+    scene_map, report = map_scene(model, mapping, quick_mapping_config())
     assert report.lens.mount_accepted, report.lens.mount_reason
     # The pose check sees the camera's poses, which agree with the images.
     assert report.pose_check.median_px < 0.5 and not report.pose_check.flagged, report.pose_check.median_px

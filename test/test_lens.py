@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import small_room
+from conftest import quick_mapping_config, small_room
 
 from aceg_model.frames import Intrinsics
 from aceg_model.geometry import make_pose
@@ -114,14 +114,14 @@ def mapped_through_lens(tmp_path_factory):
     map reloaded from its file."""
     import torch
 
-    from aceg_model.mapping import MappingConfig, SceneMap, map_scene
+    from aceg_model.mapping import SceneMap, map_scene
     from aceg_model.model import AcegModel
 
     torch.manual_seed(0)
     scene = small_room(SEED, mapping_frames=60, relit_queries=8)
     through = lambda frames: [f.with_image(distort(f.image, f.intrinsics, LENS)) for f in frames]  # noqa: E731
     model = AcegModel.load(CHECKPOINT)
-    scene_map, report = map_scene(model, through(scene.mapping), MappingConfig(iterations=150, batch_patches=2048))
+    scene_map, report = map_scene(model, through(scene.mapping), quick_mapping_config())
     path = tmp_path_factory.mktemp("lens") / "room.map"
     scene_map.save(path)
     return model, scene_map, SceneMap.load(path, model), report, through(scene.queries["lighting"])

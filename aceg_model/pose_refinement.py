@@ -265,7 +265,12 @@ def _moved(poses_I44: np.ndarray, d_I6: np.ndarray) -> np.ndarray:
 def solve_poses(pairs: list[PairMatches], distortion: RadialDistortion, poses_I44: np.ndarray,
                 config: PoseRefinementConfig) -> tuple[np.ndarray, int]:
     """Levenberg-Marquardt from the given poses; returns the corrected poses and the iterations run."""
-    problem = _Problem(pairs, distortion, poses_I44, config)
+    return _solve(_Problem(pairs, distortion, poses_I44, config), config)
+
+
+def _solve(problem: _Problem, config: PoseRefinementConfig) -> tuple[np.ndarray, int]:
+    """``solve_poses`` on a problem already set up (its given poses are the start)."""
+    poses_I44 = problem.given_I44
     poses, cost, damping = poses_I44.copy(), problem.cost(poses_I44), 1e-4
     it = 0
     for it in range(1, config.max_iterations + 1):
@@ -304,8 +309,8 @@ def refine_poses(frames: Sequence[Frame], distortion: RadialDistortion | None = 
         return PoseRefinement(given_I44, seconds_match=t_match)
     # An image in no pair keeps its given pose: only its prior acts on it.
     t1 = time.perf_counter()
-    poses_I44, iterations = solve_poses(pairs, distortion, given_I44, cfg)
-    problem = _Problem(pairs, distortion, given_I44, cfg)
+    problem = _Problem(pairs, distortion, given_I44, cfg)  # set up once: solved, then read for the report
+    poses_I44, iterations = _solve(problem, cfg)
     px = [np.median(problem.residuals(p).abs().numpy()[problem.mask_PM.numpy() > 0]) * cfg.sigma_px
           for p in (given_I44, poses_I44)]
     moved = [pose_error(a, b) for a, b in zip(poses_I44, given_I44)]

@@ -189,7 +189,7 @@ class _Problem:
         self.robust = config.robust_px / config.sigma_px
         self.prior_sigma_6 = np.r_[np.full(3, np.deg2rad(config.prior_deg)), np.full(3, config.prior_m)]
         # The anchor's residuals: each stretch's mean offset from the given poses, in sigmas,
-        # linear in the offsets: anchor_66n @ offsets (6 per image, stacked).
+        # linear in the offsets: anchor @ offsets (6 per image, stacked).
         n, w = len(poses_I44), config.anchor_images
         mean_II = scipy.sparse.lil_matrix((n, n))
         for i in range(n if w else 0):
@@ -214,19 +214,19 @@ class _Problem:
         """(P, M) Sampson distances in sigmas (0 on padding)."""
         return _sampson(self._essentials(poses_I44), self.x_i_PM3, self.x_j_PM3)[0] * self.scale * self.mask_PM
 
-    def prior(self, poses_I44: np.ndarray) -> np.ndarray:
-        """(I, 6) each pose's offset from the given one (rotation vector, translation; camera frame) in sigmas."""
+    def offsets(self, poses_I44: np.ndarray) -> np.ndarray:
+        """(I, 6) each pose's offset from the given one: rotation vector, translation (camera frame)."""
         R0_T = np.transpose(self.given_I44[:, :3, :3], (0, 2, 1))
         rot = Rotation.from_matrix(R0_T @ poses_I44[:, :3, :3]).as_rotvec()
         trans = np.einsum("iab,ib->ia", R0_T, poses_I44[:, :3, 3] - self.given_I44[:, :3, 3])
-        return np.c_[rot, trans] / self.prior_sigma_6
+        return np.c_[rot, trans]
 
     def cost(self, poses_I44: np.ndarray) -> float:
         # Cauchy: a match far off its line (near an epipole, or a mismatch RANSAC let through) weighs little.
         robust = 0.5 * self.robust ** 2 * torch.log1p((self.residuals(poses_I44) / self.robust).square())
-        offsets = self.prior(poses_I44)
-        anchored = self.anchor @ (offsets * self.prior_sigma_6).ravel()
-        return float((robust * self.mask_PM).sum()) + 0.5 * float(np.square(offsets).sum() + np.square(anchored).sum())
+        offsets_I6 = self.offsets(poses_I44)
+        prior, anchored = offsets_I6 / self.prior_sigma_6, self.anchor @ offsets_I6.ravel()
+        return float((robust * self.mask_PM).sum()) + 0.5 * float(np.square(prior).sum() + np.square(anchored).sum())
 
     def normal_equations(self, poses_I44: np.ndarray) -> tuple[scipy.sparse.csr_matrix, np.ndarray]:
         """Gauss-Newton's H and g (IRLS weights of the Cauchy loss) for twists of every pose."""
@@ -247,10 +247,10 @@ class _Problem:
         H = scipy.sparse.coo_matrix((A_P1212.ravel(), (rows, cols)), shape=(6 * n, 6 * n)).tocsr()
         g = np.bincount(index_P12.ravel(), weights=b_P12.ravel(), minlength=6 * n)
         # The prior and the anchor, with the offsets' Jacobian taken as the identity (exact at the given poses).
-        offsets = self.prior(poses_I44)
+        offsets = self.offsets(poses_I44).ravel()
         inv_sigma = np.tile(1.0 / self.prior_sigma_6, n)
         H = H + scipy.sparse.diags(inv_sigma ** 2) + (self.anchor.T @ self.anchor)
-        g = g + (offsets / self.prior_sigma_6).ravel() + self.anchor.T @ (self.anchor @ (offsets * self.prior_sigma_6).ravel())
+        g = g + inv_sigma ** 2 * offsets + self.anchor.T @ (self.anchor @ offsets)
         return H, g
 
 

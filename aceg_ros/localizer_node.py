@@ -644,10 +644,12 @@ class AcegLocalizer(LifecycleNode):
             else:
                 T_map_odom = rc.map_to_odom(T_map_cam, T_odom_cam)
                 stamp_tf = rc.stamp_plus(stamp, v["transform_tolerance"])
+                # Record and publish under one lock: otherwise the re-send timer can slip in between and
+                # send a later stamp first, so that this one would go back in time for listeners.
                 with self._map_odom_lock:
                     self._last_map_odom = (T_map_odom, rc.stamp_to_ns(stamp_tf))
-                self._entities["tf"].publish(TFMessage(transforms=[
-                    rc.transform_stamped(T_map_odom, v["map_frame"], v["odom_frame"], stamp_tf)]))
+                    self._entities["tf"].publish(TFMessage(transforms=[
+                        rc.transform_stamped(T_map_odom, v["map_frame"], v["odom_frame"], stamp_tf)]))
 
         if v["path.max_poses"] > 0:
             ps = PoseStamped()
@@ -676,8 +678,8 @@ class AcegLocalizer(LifecycleNode):
             if stamp_ns <= last_ns:  # never repeat or go back in time (TF_REPEATED_DATA)
                 return
             self._last_map_odom = (T_map_odom, stamp_ns)
-        self._entities["tf"].publish(TFMessage(transforms=[rc.transform_stamped(
-            T_map_odom, self._p("map_frame"), self._p("odom_frame"), rc.ns_to_stamp(stamp_ns))]))
+            self._entities["tf"].publish(TFMessage(transforms=[rc.transform_stamped(
+                T_map_odom, self._p("map_frame"), self._p("odom_frame"), rc.ns_to_stamp(stamp_ns))]))
 
     def _lookup_tf(self, target: str, source: str, stamp) -> np.ndarray | None:
         if self._lookup is None:

@@ -96,6 +96,6 @@ def skew(v: np.ndarray) -> np.ndarray:
 def pose_error(T_est: np.ndarray, T_gt: np.ndarray) -> tuple[float, float]:
     """(translation error in metres, rotation error in degrees) between two camera poses."""
     dt = float(np.linalg.norm(T_est[:3, 3] - T_gt[:3, 3]))
-    R = T_est[:3, :3].T @ T_gt[:3, :3]
-    cos = np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0)
-    return dt, float(np.degrees(np.arccos(cos)))
+    # Not arccos of the trace: near zero it turns a matrix's 1e-4 departure from a rotation
+    # into a degree. The rotation vector of the nearest rotation reads small angles exactly.
+    return dt, float(np.degrees(Rotation.from_matrix(T_est[:3, :3].T @ T_gt[:3, :3]).magnitude()))

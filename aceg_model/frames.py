@@ -130,7 +130,8 @@ def check_pose(T: np.ndarray, what: str = "pose", tol: float = 1e-3) -> np.ndarr
     err = max(np.abs(R.T @ R - np.eye(3)).max(), abs(np.linalg.det(R) - 1.0))
     if err > tol:
         raise ValueError(f"{what}: rotation is not orthonormal (error {err:.2g} > {tol})")
-    u, _, vt = np.linalg.svd(R)
-    T = T.copy()
-    T[:3, :3] = u @ vt  # the nearest rotation (det +1: R is within tol of one)
+    if err > 1e-12:  # a true rotation already is kept bit for bit
+        u, _, vt = np.linalg.svd(R)
+        T = T.copy()
+        T[:3, :3] = u @ vt  # the nearest rotation (det +1: R is within tol of one)
     return T

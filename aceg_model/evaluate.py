@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from aceg_model.frames import Frame
-from aceg_model.geometry import pose_error
+from aceg_model.geometry import pose7, pose_error
 from aceg_model.landmarks import MAX_SWEEP_SCALE, SweepConfig
 from aceg_model.lens import lens_summary, mount_summary
 from aceg_model.localizer import Localizer
@@ -61,6 +61,7 @@ def evaluate_queries(localizer: Localizer, queries, perturbation: str | None = N
         else:
             t_err.append(None), r_err.append(None)
         records.append({"name": frame.name, "success": res.success, "reason": res.reason,
+                        "pose": pose7(res.T_world_cam) if res.success else None,  # x y z qx qy qz qw
                         "n_inliers": res.n_inliers, "trans_err_cm": None if t_err[-1] is None else 100 * t_err[-1],
                         "rot_err_deg": r_err[-1], "resolve_support": None if not res.success else res.resolve_support,
                         "first_solve_kept": res.first_solve_kept,

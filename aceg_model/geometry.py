@@ -34,6 +34,14 @@ def quat_from_pose(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return T[:3, 3].copy(), q
 
 
+def pose7(T: np.ndarray | None) -> list[float] | None:
+    """``[x, y, z, qx, qy, qz, qw]`` of a 4x4 transform, as plain floats for JSON (None stays None)."""
+    if T is None:
+        return None
+    t, q = quat_from_pose(np.asarray(T, dtype=np.float64))
+    return [float(v) for v in (*t, *q)]
+
+
 def invert(T: np.ndarray) -> np.ndarray:
     """Inverse of a rigid 4x4 transform."""
     Ti = np.eye(4)

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from aceg_model.geometry import pose_error, pose_from_quat, quat_from_pose
+from aceg_model.geometry import pose7, pose_error, pose_from_quat
 from aceg_model.metrics import THRESHOLDS, accuracy_summary, covariance_summary, position_nees
 
 PLOT_NAMES = ("trajectory", "error_over_time", "error_cdf")
@@ -76,13 +76,6 @@ def _num(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _pose7(T: np.ndarray | None) -> list[float] | None:
-    if T is None:
-        return None
-    t, q = quat_from_pose(np.asarray(T, dtype=np.float64))
-    return [float(v) for v in (*t, *q)]
-
-
 def _matrix(pose7: list[float] | None) -> np.ndarray | None:
     return None if pose7 is None else pose_from_quat(pose7[:3], pose7[3:])
 
@@ -100,7 +93,7 @@ def frame_record(r: FrameResult) -> dict:
         rot_std = math.degrees(math.sqrt(max(float(np.trace(cov[3:, 3:])), 0.0)))
         if t_err is not None and np.linalg.eigvalsh(cov[:3, :3])[0] > 0:
             nees = position_nees(r.T_est, cov, r.T_gt)
-    return {"stamp": r.stamp_ns * 1e-9, "pose": _pose7(r.T_est), "gt_pose": _pose7(r.T_gt),
+    return {"stamp": r.stamp_ns * 1e-9, "pose": pose7(r.T_est), "gt_pose": pose7(r.T_gt),
             "trans_err_cm": _num(t_err), "rot_err_deg": _num(r_err), "latency_ms": _num(r.latency_ms),
             "position_std_cm": _num(pos_std), "rotation_std_deg": _num(rot_std), "nees_trans": _num(nees),
             "n_inliers": r.n_inliers, "reason": r.reason}

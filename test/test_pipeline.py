@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from aceg_model.geometry import pose_error
+from aceg_model.geometry import pose_error, pose_from_quat
 from aceg_model.localizer import Localizer
 from aceg_model.mapping import MappingConfig, map_scene
 from aceg_model.model import AcegModel
@@ -296,6 +296,15 @@ def test_aceg_eval_reuses_a_saved_map_and_reports_accuracy(mapped, tmp_path: Pat
     # the pixels' noise should cover most frames (the kitchen's does not: models/README.md).
     posed = [f for f in result["frames"] if f["success"]]
     assert posed and all(f["sigma_trans_cm"] > 0 and f["nees_trans"] >= 0 for f in posed)
+    # Each estimate is kept ([x y z qx qy qz qw]), so the errors can be read again from the file.
+    from aceg_model.datasets import open_dataset
+
+    written = open_dataset(Path(args[1]), split="query-lighting")
+    truth = {name: written.pose(i) for i, name in enumerate(written.names)}
+    for f in posed:
+        dt, dr = pose_error(pose_from_quat(f["pose"][:3], f["pose"][3:]), truth[f["name"]])
+        assert 100 * dt == pytest.approx(f["trans_err_cm"], abs=1e-9) and dr == pytest.approx(f["rot_err_deg"], abs=1e-6)
+    assert all(f["pose"] is None for f in result["frames"] if not f["success"])
     assert 0.0 < result["nees_trans_median"] < 50.0 and 0.0 <= result["pct_nees_trans_within_95"] <= 100.0
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(args + ["--resolve-min-support", "1.5"])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ MIN_MAPPING_FRAMES = 3
 METHODS = ("aceg", "ace")
 
 Progress = Callable[[str, int, int, dict], None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -516,32 +517,24 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
 
     lens_estimate, lens = None, None
     if cfg.lens.estimate:
-        if progress:
-            progress("lens", 0, 1, {})
-        lens_estimate = estimate_lens(frames, cfg.lens)
-        if progress:
-            progress("lens", 1, 1, {"k1": lens_estimate.distortion.k1, "k2": lens_estimate.distortion.k2,
-                                    "mount_deg": lens_estimate.mount.angle_deg,
-                                    "mount_cm": 100 * lens_estimate.mount.offset_m, "reason": lens_estimate.reason})
+        lens_estimate = _stage(progress, "lens", lambda: estimate_lens(frames, cfg.lens),
+                               lambda e: {"k1": e.distortion.k1, "k2": e.distortion.k2,
+                                          "mount_deg": e.mount.angle_deg, "mount_cm": 100 * e.mount.offset_m,
+                                          "reason": e.reason})
         if lens_estimate.accepted or lens_estimate.mount_accepted:
             lens = MappingLens(frames[0].intrinsics, lens_estimate.distortion, lens_estimate.mount)
     # The camera's poses, through its mount; the check and the refinement remove the lens themselves.
     cameras = frames if lens is None else CorrectedFrames(frames, RadialDistortion(), lens.mount)
     pose_check = None
     if cfg.pose_check.enabled:
-        if progress:
-            progress("pose check", 0, 1, {})
-        pose_check = check_poses(cameras, lens.distortion if lens else None, cfg.pose_check)
-        if progress:
-            progress("pose check", 1, 1, {"median_px": pose_check.median_px, "flagged": len(pose_check.flagged)})
+        pose_check = _stage(progress, "pose check",
+                            lambda: check_poses(cameras, lens.distortion if lens else None, cfg.pose_check),
+                            lambda c: {"median_px": c.median_px, "flagged": len(c.flagged)})
     refinement = None
     if cfg.pose_refinement.enabled:
-        if progress:
-            progress("pose refinement", 0, 1, {})
-        refinement = refine_poses(cameras, lens.distortion if lens else None, cfg.pose_refinement)
-        if progress:
-            progress("pose refinement", 1, 1, {"pairs": refinement.n_pairs, "moved_mm": refinement.median_move_mm,
-                                               "px_after": refinement.median_px_after})
+        refinement = _stage(progress, "pose refinement",
+                            lambda: refine_poses(cameras, lens.distortion if lens else None, cfg.pose_refinement),
+                            lambda r: {"pairs": r.n_pairs, "moved_mm": r.median_move_mm, "px_after": r.median_px_after})
         # From here on the corrected poses stand for the given ones, back in the pose frame.
         T_camera_pose = np.linalg.inv(lens.mount.T_pose_camera) if lens else np.eye(4)
         frames = PosedFrames(frames, refinement.poses_I44 @ T_camera_pose)
@@ -633,15 +626,23 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
         meta["report"]["pose_refinement"] = refinement.to_json()
     scene_map = SceneMap(head.eval(), centre_3, meta, fine, windows, lens, views)
     if cfg.consistency.enabled and views is not None:
-        if progress:
-            progress("consistency", 0, 1, {})
-        report.consistency = map_consistency(model, scene_map, given, cfg.consistency, pnp)
+        report.consistency = _stage(progress, "consistency",
+                                    lambda: map_consistency(model, scene_map, given, cfg.consistency, pnp),
+                                    lambda c: {"probes": c.n_localized, "sigma_cm": c.sigma_cm})
         scene_map.floor_66 = report.consistency.covariance_66
         meta["report"]["consistency"] = report.consistency.to_json()
-        if progress:
-            progress("consistency", 1, 1, {"probes": report.consistency.n_localized,
-                                           "sigma_cm": report.consistency.sigma_cm})
     return scene_map, report
+
+
+def _stage(progress: Progress | None, name: str, run: Callable[[], T], stats: Callable[[T], dict]) -> T:
+    """One step of ``map_scene`` with no progress of its own: reported as started (0 of 1), then
+    done (1 of 1) with ``stats`` of its result."""
+    if progress:
+        progress(name, 0, 1, {})
+    result = run()
+    if progress:
+        progress(name, 1, 1, stats(result))
+    return result
 
 
 def progress_bar(iterations: int, desc: str) -> tuple[Progress, "object"]:

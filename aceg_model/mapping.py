@@ -535,9 +535,9 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
         refinement = _stage(progress, "pose refinement",
                             lambda: refine_poses(cameras, lens.distortion if lens else None, cfg.pose_refinement),
                             lambda r: {"pairs": r.n_pairs, "moved_mm": r.median_move_mm, "px_after": r.median_px_after})
-        # From here on the corrected poses stand for the given ones, back in the pose frame.
-        T_camera_pose = np.linalg.inv(lens.mount.T_pose_camera) if lens else np.eye(4)
-        frames = PosedFrames(frames, refinement.poses_I44 @ T_camera_pose)
+        if refinement.accepted:  # from here on the corrected poses stand for the given ones, back in the pose frame
+            T_camera_pose = np.linalg.inv(lens.mount.T_pose_camera) if lens else np.eye(4)
+            frames = PosedFrames(frames, refinement.poses_I44 @ T_camera_pose)
     given = frames  # the consistency check localizes them as a query would come: lens and all
     if lens is not None:
         frames = CorrectedFrames(frames, lens.distortion, lens.mount)

@@ -130,12 +130,25 @@ def test_a_small_room_refined_from_its_images(room_frames) -> None:
     # some freedom (from the true poses they wander by 0.07 deg): the gain is smaller than on
     # denser sequences (0.22 -> 0.04 deg on generated room 900001, models/README.md).
     result = refine_poses(jittered, None, replace(CONFIG, max_features=800))
-    assert result.n_pairs >= 100, refinement_summary(result)
+    assert result.n_pairs >= 100 and result.accepted and result.gain >= CONFIG.min_gain, refinement_summary(result)
     assert result.median_px_before > 0.3 and result.median_px_after < 0.1, refinement_summary(result)
     given_deg = neighbour_errors(jittered.poses_I44, truth)[1]
     assert neighbour_errors(result.poses_I44, truth)[1] < 0.8 * given_deg, refinement_summary(result)
     assert "refined from" in refinement_summary(result)
     assert set(result.to_json()) >= {"n_pairs", "median_px_before", "median_px_after", "median_move_mm"}
+
+
+def test_accurate_poses_are_kept_as_given(room_frames) -> None:
+    """Rendered poses are exact: the correction can only fit the matches' noise, which barely lowers
+    their Sampson distance, so the given poses are kept (and said to be)."""
+    truth = np.stack([f.T_world_cam for f in room_frames])
+    result = refine_poses(room_frames, None, replace(CONFIG, max_features=800))
+    assert result.n_pairs >= 100 and not result.accepted and result.gain < CONFIG.min_gain, refinement_summary(result)
+    np.testing.assert_array_equal(result.poses_I44, truth)
+    assert result.median_move_mm == 0.0 and "kept as given" in refinement_summary(result)
+    # With no threshold the solver's poses are taken, moved by the noise it fitted.
+    forced = refine_poses(room_frames, None, replace(CONFIG, max_features=800, min_gain=0.0))
+    assert forced.accepted and forced.median_move_mm > 0.0
 
 
 def test_posed_frames_change_poses_only(room_frames) -> None:
@@ -157,6 +170,8 @@ def test_bad_settings_are_refused() -> None:
         PoseRefinementConfig(prior_m=0.0)
     with pytest.raises(ValueError, match="anchor_images"):
         PoseRefinementConfig(anchor_images=-1)
+    with pytest.raises(ValueError, match="min_gain"):
+        PoseRefinementConfig(min_gain=1.0)
     assert PoseRefinementConfig(anchor_images=0).anchor_images == 0  # no anchor is a valid choice
 
 
@@ -202,5 +217,6 @@ def test_mapping_builds_on_the_refined_poses_and_records_them(room_frames, tmp_p
     scene_map.save(path)
     meta = read_meta(path, "aceg-map")
     assert meta["report"]["pose_refinement"]["n_pairs"] == refinement.n_pairs
+    assert meta["report"]["pose_refinement"]["accepted"] is True
     assert SceneMap.load(path, model).views is not None
     json.dumps(meta)  # nothing in it that JSON cannot hold

@@ -43,7 +43,7 @@ from aceg_model.pose_check import consistent_matches
 class PoseRefinementConfig:
     """Which image pairs ``refine_poses`` matches and how far it lets a pose move."""
 
-    enabled: bool = False
+    enabled: bool = True
     # Each image is paired with the first later image at least this far from it, for each baseline:
     # the short ones tie neighbours together, the long ones carry the geometry along the sequence.
     # Under 4 cm a millimetre of position noise turns the epipolar lines by degrees.

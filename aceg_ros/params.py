@@ -152,10 +152,11 @@ PARAMETERS: tuple[Spec, ...] = (
     Spec("mapping.check_poses", True, "compare the mapping poses with the images (SIFT matches of image pairs a "
          "moment apart against the poses' epipolar lines) and report the stretches where they disagree by more "
          "than 3 px; a report only (about 10 s for 500 images)", CALL),
-    Spec("mapping.refine_poses", False, "correct the mapping poses from the mapping images before anything is "
+    Spec("mapping.refine_poses", True, "correct the mapping poses from the mapping images before anything is "
          "triangulated from them: an epipolar bundle adjustment of SIFT-matched image pairs at 4-64 cm baselines, "
          "for poses from a tracker that are a few mm and a tenth of a degree off per image (about 1.5 min for 200 "
-         "images of 640x480)", CALL),
+         "images of 640x480); kept only where they explain the matches at least 25 % better, so accurate poses "
+         "are kept as given", CALL),
     Spec("mapping.visit_window_s", 10.0, "keep each landmark to the mapping images taken within this time of "
          "the image it was seeded in, so the pose drift between two visits of a place (tens of seconds apart) "
          "does not blur it; 0 = off [s]", CALL, range=(0.0, 86_400.0)),

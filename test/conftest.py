@@ -32,15 +32,17 @@ def small_room(seed: int, mapping_frames: int, relit_queries: int = 0, light_gai
 
 def quick_mapping_config(**overrides):
     """Mapping settings for tests of what happens around the landmarks (lens, mount, files): no
-    NCC sharpening of the sweep's depths and no consistency probes, a third of a small room's
+    NCC sharpening of the sweep's depths, no consistency probes and no pose refinement (rendered
+    poses are exact: it would keep them, after 10-20 s of matching), a third of a small room's
     mapping time at the shipped settings. (The sweep at the working resolution instead would save
     more, and leaves the queries 1-3 cm off.) Tests of the landmarks themselves map with the defaults."""
     from aceg_model.map_consistency import ConsistencyConfig
     from aceg_model.mapping import MappingConfig
     from aceg_model.photo_depth import PhotoDepthConfig
+    from aceg_model.pose_refinement import PoseRefinementConfig
 
     settings = dict(iterations=150, batch_patches=2048, photo_depth=PhotoDepthConfig(enabled=False),
-                    consistency=ConsistencyConfig(enabled=False))
+                    consistency=ConsistencyConfig(enabled=False), pose_refinement=PoseRefinementConfig(enabled=False))
     return MappingConfig(**{**settings, **overrides})
 
 

@@ -646,16 +646,21 @@ def _stage(progress: Progress | None, name: str, run: Callable[[], T], stats: Ca
 
 
 def progress_bar(iterations: int, desc: str) -> tuple[Progress, "object"]:
-    """A tqdm bar for ``map_scene``'s optimization stage: ``(progress callback, bar)``; close the bar after."""
+    """A tqdm bar for ``map_scene``: ``(progress callback, bar)``; close the bar after. It counts the
+    optimization's iterations, and names the stage running before and after them (the lens, pose
+    check and refinement, encoding, seeding, consistency: minutes of a kitchen's mapping)."""
     from tqdm import tqdm
 
     bar = tqdm(total=iterations, desc=desc, unit="it")
 
     def progress(stage: str, done: int, total: int, stats: dict) -> None:
         if stage == "optimize":
+            bar.set_description(desc, refresh=False)
             bar.n = done
             bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.3f}",
                             px=f"{stats.get('median_px', float('nan')):.1f}")
-            bar.refresh()
+        else:
+            bar.set_description(f"{desc} [{stage}{'' if total == 1 else f' {done}/{total}'}]", refresh=False)
+        bar.refresh()
 
     return progress, bar

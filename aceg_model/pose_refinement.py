@@ -82,7 +82,7 @@ class PoseRefinementConfig:
     # The corrected poses are kept only where they lower the matches' median Sampson distance by
     # this fraction: accurate poses leave the solver only the matches' noise to fit, and moving
     # them by that costs accuracy. Measured (given -> corrected): true poses of generated rooms
-    # -4 to -2 % (the median rises), Strecha Herz-Jesu 0.14 -> 0.13 px (6-9 %; mapped from the corrected
+    # -8 to -2 % (the median rises), Strecha Herz-Jesu 0.14 -> 0.13 px (6-9 %; mapped from the corrected
     # poses it lost 2-3 of 13 frames at 5 cm over three maps); KITTI 06's GPS/INS poses 0.25 -> 0.13 px (48-51 %).
     min_gain: float = 0.25
 

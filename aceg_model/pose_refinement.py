@@ -70,10 +70,11 @@ class PoseRefinementConfig:
     prior_m: float = 0.003
     prior_deg: float = 0.1
     # The anchor: the given poses are right on average over every stretch of 2 x anchor_images + 1
-    # images (in the order mapping is given them, the capture order), so the images correct how each pose sits among its neighbours (a tracker's jitter)
-    # but do not bend the whole path. Without it, the pairs' small errors add up along the sequence
-    # like odometry's (on generated room 900003 with the prior at 1 cm and 0.3 deg, the true poses
-    # came out up to 18 mm and 0.46 deg off without it, 15 mm and 0.33 deg with it). 0: no anchor.
+    # images (in the order mapping is given them, the capture order), so the images correct how
+    # each pose sits among its neighbours (a tracker's jitter) but do not bend the whole path.
+    # Without it, the pairs' small errors add up along the sequence like odometry's (on generated
+    # room 900003 with the prior at 1 cm and 0.3 deg, the true poses came out up to 18 mm and
+    # 0.46 deg off without it, 15 mm and 0.33 deg with it). 0: no anchor.
     anchor_images: int = 10
     anchor_m: float = 0.001  # how far the stretch's mean may move
     anchor_deg: float = 0.02
@@ -350,9 +351,9 @@ def refinement_summary(refinement: PoseRefinement) -> str:
     """One line for logs and command-line output."""
     if refinement.median_px_before is None:
         return f"mapping poses not refined: no image pairs matched ({refinement.seconds_match:.1f} s)"
-    r = refinement
+    r = refinement  # matched, so its gain is set
     fit = (f"{r.n_pairs} image pairs ({r.n_matches} matches): {r.median_px_before:.2f} -> {r.median_px_after:.2f} px "
-           f"(median, {abs(100 * (r.gain or 0.0)):.0f} % {'lower' if (r.gain or 0.0) >= 0 else 'higher'})")
+           f"(median, {abs(100 * r.gain):.0f} % {'lower' if r.gain >= 0 else 'higher'})")
     seconds = f"{r.iterations} iterations, {r.seconds_match + r.seconds_solve:.0f} s"
     if not r.accepted:
         return f"mapping poses kept as given: corrected from {fit}, too little to trust, {seconds}"

@@ -1,8 +1,9 @@
 """Accuracy of a model on the tuning scenes: the evaluation that model choices are made on.
 
 Never the held-out 7-Scenes kitchen: any dataset path with "7scenes" in it, or
-in a 7-Scenes layout, is refused. Each scene is mapped fresh (``MappingConfig()``, with ``--refine-poses``
-the poses corrected from the images first; ``torch.manual_seed(0)`` first, or each of ``--seeds``) and its query sets are localized with ``PnPConfig()``:
+in a 7-Scenes layout, is refused. Each scene is mapped fresh (``MappingConfig()``, its pose refinement
+switched by ``--refine-poses`` / ``--no-refine-poses``, on by default; ``torch.manual_seed(0)`` first, or each
+of ``--seeds``) and its query sets are localized with ``PnPConfig()``:
 
 - generated rooms 900003 and 900001 (100 / 200 mapping frames; 60 relit and 60
   new-viewpoint queries): ``room900003/lighting``, ``room900003/viewpoint``, ...;

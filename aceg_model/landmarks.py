@@ -232,6 +232,9 @@ def sweep_depths(views: SweepViews, images_C: torch.Tensor, pixels_C2: torch.Ten
         nbc = nb.clamp(min=0)
         Tn = T_cam_map_I44[nbc]  # n x 4 x 4
         T = T_map_cam_I44[img]
+        # The neighbours' descriptors in float32 and their corner dots, gathered once for all of
+        # this image's chunks (converting per chunk was a fifth of the sweep's time).
+        desc_nPF, dots_n5P = desc_IPF[nbc].float(), dots_I5P[nbc]
         for s in range(start, start + count, cfg.chunk):
             rows = order[s:min(s + cfg.chunk, start + count)]
             c, D = len(rows), cfg.n_depths
@@ -242,7 +245,7 @@ def sweep_depths(views: SweepViews, images_C: torch.Tensor, pixels_C2: torch.Ten
             uv = torch.einsum("nij,cndj->cndi", K_I33[nbc], pts_nb)
             uv = uv[..., :2] / uv[..., 2:].clamp(min=1e-6)
             own = F.normalize(views.sample(images_C[rows], pixels_C2[rows]), dim=-1)
-            cos, inside = interpolated_cosines(own, desc_IPF[nbc], dots_I5P[nbc], hw, uv)
+            cos, inside = interpolated_cosines(own, desc_nPF, dots_n5P, hw, uv)
             valid = inside & (z > 0.05) & (nb >= 0).view(1, n, 1)
             cnt = valid.sum(dim=1)  # c x D
             mean_cos = (cos * valid).sum(dim=1) / cnt.clamp(min=1)

@@ -114,7 +114,12 @@ def refine_depths(views: GreyViews, T_cam_map_I44: torch.Tensor, neigh_In: torch
         start += count
         if len(nb) < 2:
             continue
-        T, Tn = T_map_cam_I44[img], T_cam_map_I44[nb]
+        # A window pixel p at camera depth d lands in neighbour k at d * A_k p + b_k (homogeneous),
+        # A_k = K_k R_k K^-1 and b_k = K_k t_k from this camera to the neighbour's: a 3x3 product
+        # per window pixel and neighbour, shared by every depth tried.
+        T_nb = T_cam_map_I44[nb] @ T_map_cam_I44[img]
+        A_n33 = views.K_I33[nb] @ T_nb[:, :3, :3] @ Kinv_I33[img]
+        b_n3 = torch.einsum("nij,nj->ni", views.K_I33[nb], T_nb[:, :3, 3])
         for s in range(0, len(group), cfg.chunk):
             rows = group[s:s + cfg.chunk]
             d0 = depth_C[rows]
@@ -127,11 +132,8 @@ def refine_depths(views: GreyViews, T_cam_map_I44: torch.Tensor, neigh_In: torch
             own_cW = zero_mean_unit(sample_grey(grey[img:img + 1], win_cW2.reshape(1, -1, 2)).view(c, n_win))
             # Fronto-parallel windows: every pixel of a window at the same camera depth.
             depths_cD = 1.0 / ((1.0 / d0)[:, None] * (1.0 + rel_D))
-            rays_cW3 = F.pad(win_cW2, (0, 1), value=1.0) @ Kinv_I33[img].T
-            pts_cDW3 = rays_cW3[:, None] * depths_cD[:, :, None, None]
-            pts_cDW3 = pts_cDW3 @ T[:3, :3].T + T[:3, 3]
-            pts_n = torch.einsum("nij,cdwj->ncdwi", Tn[:, :3, :3], pts_cDW3) + Tn[:, None, None, None, :3, 3]
-            uvz = torch.einsum("nij,ncdwj->ncdwi", views.K_I33[nb], pts_n)
+            Ap_nc1W3 = (F.pad(win_cW2, (0, 1), value=1.0) @ A_n33.transpose(1, 2)[:, None]).unsqueeze(2)
+            uvz = depths_cD[None, :, :, None, None] * Ap_nc1W3 + b_n3[:, None, None, None]  # n x c x D x W x 3
             uv = uvz[..., :2] / uvz[..., 2:].clamp(min=1e-6)
             seen = ((uv[..., 0] >= 0) & (uv[..., 0] <= W - 1) & (uv[..., 1] >= 0) & (uv[..., 1] <= H - 1)
                     & (uvz[..., 2] > 0.05)).all(-1)  # n x c x D

@@ -35,7 +35,7 @@ def distort(image: np.ndarray, intrinsics: Intrinsics, lens: RadialDistortion) -
 
 @pytest.fixture(scope="module")
 def scene():
-    return small_room(SEED, mapping_frames=60)
+    return small_room(SEED, mapping_frames=60, relit_queries=8)
 
 
 def radial_shift_px(lens: RadialDistortion, intrinsics: Intrinsics) -> np.ndarray:
@@ -109,7 +109,7 @@ def test_mapping_lens_applies_to_its_camera_only_and_refuses_bad_metadata() -> N
 
 
 @pytest.fixture(scope="module")
-def mapped_through_lens(tmp_path_factory):
+def mapped_through_lens(scene, tmp_path_factory):
     """A room seen through ``LENS``, mapped with the shipped checkpoint (lens estimated), and the
     map reloaded from its file."""
     import torch
@@ -118,7 +118,6 @@ def mapped_through_lens(tmp_path_factory):
     from aceg_model.model import AcegModel
 
     torch.manual_seed(0)
-    scene = small_room(SEED, mapping_frames=60, relit_queries=8)
     through = lambda frames: [f.with_image(distort(f.image, f.intrinsics, LENS)) for f in frames]  # noqa: E731
     model = AcegModel.load(CHECKPOINT)
     scene_map, report = map_scene(model, through(scene.mapping), quick_mapping_config())

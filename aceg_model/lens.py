@@ -27,6 +27,7 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+import torch
 from scipy.optimize import least_squares
 
 from aceg_model.camera_mount import MAX_MOUNT_DEG, MAX_MOUNT_M, CameraMount
@@ -253,9 +254,21 @@ def _grey(image: np.ndarray) -> np.ndarray:
     return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
 
 
+def ratio_matches(desc_a: np.ndarray, desc_b: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (in a, in b) of the descriptors of a whose nearest neighbour in b (L2) is closer than
+    ``ratio`` times the second nearest: Lowe's ratio test, exhaustively. One matrix product per pair
+    (OpenCV's brute-force matcher took twice as long on the kitchen's 1500-keypoint images, and
+    made the same matches on 100 pairs)."""
+    a, b = torch.from_numpy(desc_a).float(), torch.from_numpy(desc_b).float()
+    d2 = (a * a).sum(1, keepdim=True) + (b * b).sum(1) - 2.0 * (a @ b.T)
+    nearest, idx = d2.topk(2, dim=1, largest=False)
+    dist = nearest.clamp(min=0.0).sqrt()
+    good = (dist[:, 0] < ratio * dist[:, 1]).nonzero()[:, 0]
+    return good.numpy(), idx[good, 0].numpy()
+
+
 def match_pairs(frames: Sequence[Frame], pairs: list[tuple[int, int]], config: LensConfig) -> list[PairMatches]:
     sift = cv2.SIFT_create(config.max_features)
-    matcher = cv2.BFMatcher(cv2.NORM_L2)
     features: dict[int, tuple[np.ndarray, np.ndarray | None, Frame]] = {}
 
     def features_of(i: int):
@@ -270,11 +283,10 @@ def match_pairs(frames: Sequence[Frame], pairs: list[tuple[int, int]], config: L
         (pa, da, fa), (pb, db, fb) = features_of(i), features_of(j)
         if da is None or db is None or len(da) < 2 or len(db) < 2:
             continue
-        knn = matcher.knnMatch(da, db, k=2)
-        good = [m[0] for m in knn if len(m) == 2 and m[0].distance < config.ratio * m[1].distance]
-        if not good:
+        ia, ib = ratio_matches(da, db, config.ratio)
+        if not len(ia):
             continue
-        pair = PairMatches(pa[[m.queryIdx for m in good]], pb[[m.trainIdx for m in good]],
+        pair = PairMatches(pa[ia], pb[ib],
                             _essential(fa.T_world_cam, fb.T_world_cam), fa.intrinsics, fb.intrinsics, (i, j),
                             (fa.name, fb.name))
         keep = epipolar_px(pair, RadialDistortion()) < config.max_epipolar_px

@@ -19,8 +19,10 @@ ground truth checked against its own images"). Mapping reports such stretches
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import cv2
@@ -114,19 +116,20 @@ def select_moment_pairs(poses_I44: np.ndarray, config: PoseCheckConfig) -> list[
 def consistent_matches(pairs: list[PairMatches], distortion: RadialDistortion, min_inliers: int,
                        ransac_px: float) -> list[PairMatches]:
     """Each pair's matches that an essential matrix of their own explains (the poses play no part),
-    for the pairs with at least ``min_inliers`` of them."""
-    out = []
-    for pair in pairs:
+    for the pairs with at least ``min_inliers`` of them. The pairs' RANSACs run on a thread each
+    core (OpenCV releases the GIL; its RANSAC is seeded per call, so the result is the same)."""
+    def consistent(pair: PairMatches) -> PairMatches | None:
         if len(pair.xa_N2) < min_inliers:
-            continue
+            return None
         na = normalized(pair.xa_N2, pair.intrinsics_a, distortion)
         nb = normalized(pair.xb_N2, pair.intrinsics_b, distortion)
         f = 0.5 * (pair.intrinsics_a.fx + pair.intrinsics_a.fy)
         _, mask = cv2.findEssentialMat(na, nb, np.eye(3), cv2.RANSAC, 0.999, ransac_px / f)
         keep = np.zeros(len(na), dtype=bool) if mask is None else mask.ravel() > 0
-        if keep.sum() >= min_inliers:
-            out.append(replace(pair, xa_N2=pair.xa_N2[keep], xb_N2=pair.xb_N2[keep]))
-    return out
+        return replace(pair, xa_N2=pair.xa_N2[keep], xb_N2=pair.xb_N2[keep]) if keep.sum() >= min_inliers else None
+
+    with ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 8))) as pool:
+        return [p for p in pool.map(consistent, pairs) if p is not None]
 
 
 def check_poses(frames: Sequence[Frame], distortion: RadialDistortion | None = None,

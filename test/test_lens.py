@@ -13,7 +13,7 @@ from conftest import quick_mapping_config, small_room
 from aceg_model.frames import Intrinsics
 from aceg_model.geometry import make_pose
 from aceg_model.lens import (ImageUndistorter, LensConfig, RadialDistortion, estimate_lens, lens_summary,
-                             select_pairs)
+                             ratio_matches, select_pairs)
 from aceg_model.mapping import MappingLens
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "aceg_small.safetensors"
@@ -153,3 +153,17 @@ def test_mapping_removes_the_lens_and_queries_localize_through_it(mapped_through
     # Measured: 0.23 cm with the lens removed, 5.5 cm without (8 relit queries).
     assert with_lens < 1.0, with_lens
     assert without > 3 * with_lens, (with_lens, without)
+
+
+def test_ratio_matches_are_opencvs_brute_force_ratio_test() -> None:
+    """The matrix-product ratio test keeps the same matches as OpenCV's brute-force k-NN, on
+    SIFT-like descriptors (non-negative, integer-valued) where half of b are noisy copies of a."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 120, (400, 128)).astype(np.float32)
+    b = np.concatenate([a[:200] + rng.normal(0, 8, (200, 128)), rng.integers(0, 120, (300, 128))]).astype(np.float32)
+    b = b[rng.permutation(len(b))]
+    ia, ib = ratio_matches(a, b, 0.8)
+    knn = cv2.BFMatcher(cv2.NORM_L2).knnMatch(a, b, k=2)
+    expected = [(m.queryIdx, m.trainIdx) for m, n in knn if m.distance < 0.8 * n.distance]
+    assert 150 < len(expected) <= 200
+    assert list(zip(ia.tolist(), ib.tolist())) == expected

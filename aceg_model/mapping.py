@@ -446,23 +446,23 @@ def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch
             raise ValueError(f"the feature cache holds no sweep views at scale {sweep.scale} "
                              f"(cache_features(..., sweep_scale={sweep.scale}))")
         neighbours_In = neighbour_views(cache.T_cam_map_I44, sweep, same_visit_II)  # the sweep's, then the NCC step's
-        # A scene with fewer patches than landmarks draws patches more than once: each is swept once.
+        # A scene with fewer patches than landmarks draws patches more than once: depths are found
+        # per distinct patch (``patches``; candidate i is patch ``again[i]``).
         patches, again = sel.unique(return_inverse=True)
-        swept, sharpness = sweep_depths(cache.sweep_views, cache.image_idx_N[patches], cache.pixels_N2[patches],
-                                        sweep, progress and (lambda done, total: progress("seed", done, total, {})),
-                                        neighbours_In)
-        swept, sharpness = swept[again], sharpness[again]
-        keep = sharpness.argsort(descending=True)[:M]
-        sel, swept = sel[keep], swept[keep]
+        swept_U, sharpness_U = sweep_depths(cache.sweep_views, cache.image_idx_N[patches], cache.pixels_N2[patches],
+                                            sweep, progress and (lambda done, total: progress("seed", done, total, {})),
+                                            neighbours_In)
+        keep = sharpness_U[again].argsort(descending=True)[:M]
+        sel, again = sel[keep], again[keep]
         if photo is not None and photo.enabled:
             if cache.grey_views is None or cache.grey_views.scale != photo.scale:
                 raise ValueError(f"the feature cache holds no grey views at scale {photo.scale} "
                                  f"(cache_features(..., grey_scale={photo.scale}))")
-            patches, again = sel.unique(return_inverse=True)
-            first = torch.empty_like(patches).scatter_(0, again, torch.arange(len(sel), device=sel.device))
-            swept, _ = refine_depths(cache.grey_views, cache.T_cam_map_I44, neighbours_In, cache.image_idx_N[patches],
-                                     cache.pixels_N2[patches], swept[first], photo)
-            swept = swept[again]
+            kept_U, again = again.unique(return_inverse=True)  # only the kept patches are sharpened
+            patches = patches[kept_U]
+            swept_U, _ = refine_depths(cache.grey_views, cache.T_cam_map_I44, neighbours_In, cache.image_idx_N[patches],
+                                       cache.pixels_N2[patches], swept_U[kept_U], photo)
+        swept = swept_U[again]
         depth = torch.where(swept.isfinite(), swept, depth[keep])
     img = cache.image_idx_N[sel]
     rays_M3 = pixel_rays(cache.K_I33[img], cache.pixels_N2[sel])

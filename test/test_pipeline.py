@@ -38,8 +38,8 @@ def mapped():
     model = AcegModel.load(CHECKPOINT)
     # The shipped mapping but for the pose refinement, which keeps rendered poses as given after 6 s
     # of matching here (test_pose_refinement.py has its cases).
-    scene_map, report = map_scene(model, scene.mapping, MappingConfig(iterations=200, batch_patches=2048,
-                                                                      pose_refinement=PoseRefinementConfig(enabled=False)))
+    config = MappingConfig(iterations=200, batch_patches=2048, pose_refinement=PoseRefinementConfig(enabled=False))
+    scene_map, report = map_scene(model, scene.mapping, config)
     return model, scene_map, report, scene
 
 

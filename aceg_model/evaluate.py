@@ -26,7 +26,8 @@ from aceg_model.landmarks import MAX_SWEEP_SCALE, SweepConfig
 from aceg_model.lens import lens_summary, mount_summary
 from aceg_model.localizer import Localizer
 from aceg_model.map_consistency import consistency_summary
-from aceg_model.mapping import METHODS, MappingConfig, SceneMap, map_scene, mapping_config, progress_bar
+from aceg_model.mapping import (METHODS, CameraPreparation, MappingConfig, SceneMap, map_scene, mapping_config,
+                                prepare_cameras, progress_bar)
 from aceg_model.metrics import accuracy_summary, covariance_summary, position_consistency
 from aceg_model.model import AcegModel, pick_device
 from aceg_model.pnp import PnPConfig
@@ -175,16 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     pnp = PnPConfig(top_k=args.top_k or None, refine_pixels=not args.no_refine_pixels, refine_bf16=args.refine_bf16,
                     photometric_refinement=not args.no_photometric, seed_ray_depth_sigma=args.seed_ray_sigma,
                     resolve_min_support=args.resolve_min_support, map_floor=not args.no_map_floor)
-    check_poses = not args.no_pose_check
-    result, header = run_method(args, model, device, mapping, queries, args.method, pnp, args.map, args.save_map,
-                                check_poses)
+    result, header, cameras = run_method(args, model, device, mapping, queries, args.method, pnp, args.map,
+                                         args.save_map)
     if args.baseline:
         # The ACE-style head keeps every correspondence: its uncertainties do not rank them
-        # (models/README.md), and a top-k would only take inliers away from it. Its mapping checks
-        # the poses only where the first run loaded a map instead (the check reads the same frames).
-        result["baseline"], base_header = run_method(args, model, device, mapping, queries, "ace",
-                                                     dataclasses.replace(pnp, top_k=None), None, None,
-                                                     check_poses and args.map is not None)
+        # (models/README.md), and a top-k would only take inliers away from it. It maps from the
+        # lens and the corrected poses ACE-G's mapping found (the same frames, the same settings),
+        # so both heads see the same poses; with --map it finds them itself.
+        result["baseline"], base_header, _ = run_method(args, model, device, mapping, queries, "ace",
+                                                        dataclasses.replace(pnp, top_k=None), None, None, cameras)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
     print_result(result, header)
@@ -196,15 +196,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_method(args: argparse.Namespace, model: AcegModel, device: torch.device, mapping: Sequence[Frame],
                queries: Sequence[Frame], method: str, pnp: PnPConfig, map_file: Path | None, save_map: Path | None,
-               check_poses: bool) -> tuple[dict, list[str]]:
+               cameras: CameraPreparation | None = None) -> tuple[dict, list[str], CameraPreparation | None]:
     """Map (or load ``map_file``) with one method, then localize every query, perturbed as asked.
-    A map made here is written to ``save_map`` where given; ``check_poses``: mapping compares the
-    poses with the images (``aceg_model.pose_check``).
+    A map made here is written to ``save_map`` where given. ``cameras``: the lens and corrected
+    poses another method's mapping of the same frames found, used instead of finding them again.
 
-    Returns the JSON result and the lines that introduce it in the printout."""
+    Returns the JSON result, the lines that introduce it in the printout, and the camera
+    preparation mapping used (None where the map was loaded)."""
     torch.manual_seed(0)
     t0 = time.perf_counter()
     pose_check, lens_estimate, consistency, refinement = None, None, None, None
+    shared = cameras is not None
     if map_file:
         scene_map = SceneMap.load(map_file, model)
         mapping_seconds = 0.0
@@ -214,18 +216,22 @@ def run_method(args: argparse.Namespace, model: AcegModel, device: torch.device,
                                 sweep_seeds=not args.fixed_depth_seeds, sweep_scale=args.sweep_scale,
                                 photo_depth=not args.no_photo_depth, estimate_lens=not args.no_lens_estimate,
                                 estimate_mount=not args.no_mount_estimate,
-                                visit_window_s=args.visit_window, check_poses=check_poses,
+                                visit_window_s=args.visit_window, check_poses=not args.no_pose_check,
                                 refine_poses=args.refine_poses)
-        scene_map, report = map_scene(model, mapping, config, progress, pnp)
+        if cameras is None:
+            cameras = prepare_cameras(mapping, config, progress)
+        scene_map, report = map_scene(model, mapping, config, progress, pnp, cameras)
         bar.close()
         pose_check, lens_estimate, consistency = report.pose_check, report.lens, report.consistency
         refinement = report.pose_refinement
-        mapping_seconds = time.perf_counter() - t0
+        # A shared preparation's time counts towards this method's mapping as well.
+        mapping_seconds = time.perf_counter() - t0 + (cameras.seconds if shared else 0.0)
         if save_map:
             scene_map.save(save_map)
     localizer = Localizer(model, scene_map, pnp)
     result = {"method": method, "data": str(args.data), "model": str(args.model), "device": str(device),
               "n_mapping": len(mapping), "mapping_seconds": mapping_seconds,
+              "shared_camera_preparation": shared,
               "top_k": pnp.top_k,
               "refine_pixels": localizer.refines_pixels, "photometric": localizer.refines_photometrically,
               "lens": None if scene_map.lens is None else scene_map.lens.to_meta(),
@@ -244,13 +250,15 @@ def run_method(args: argparse.Namespace, model: AcegModel, device: torch.device,
         for name in args.perturb or PERTURBATIONS:
             result["perturbed"][name] = evaluate_queries(localizer, queries, name, desc=f"{name} ({method})")
     header = [f"{method}: mapping {mapping_seconds:.0f} s, {len(queries)} queries, {describe(localizer, scene_map)}"]
-    if pose_check is not None:
+    if pose_check is not None and not shared:
         header.append(f"  {pose_check_summary(pose_check)}")
-    if refinement is not None:
+    if refinement is not None and not shared:
         header.append(f"  {refinement_summary(refinement)}")
     if not map_file:
         header.append(f"  visits: {consistency_summary(consistency)}")
-    return result, header
+    if shared:
+        header.append(f"  lens and poses: ACE-G's ({cameras.seconds:.0f} s, counted in the mapping time above)")
+    return result, header, cameras
 
 
 def describe(localizer: Localizer, scene_map: SceneMap) -> str:

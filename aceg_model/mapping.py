@@ -506,21 +506,44 @@ def refined_pixels(cache: FeatureCache, fine: FineKeys, best_N: torch.Tensor, wi
     return out
 
 
-def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig | None = None,
-              progress: Progress | None = None, pnp: PnPConfig | None = None) -> tuple[SceneMap, MappingReport]:
-    """Fit a scene head to ``frames`` (posed RGB + intrinsics). ``progress(stage, done, total, stats)``.
+@dataclass
+class CameraPreparation:
+    """What mapping finds out about its camera before it maps (``prepare_cameras``): the lens and
+    mount, how the poses agree with the images, and the poses corrected from them. It depends on
+    the frames and the mapping config's ``lens``, ``pose_check`` and ``pose_refinement`` alone, so
+    one preparation serves every method mapped from the same frames (``aceg-eval --baseline``)."""
 
-    ``pnp``: the localizer settings the map will be used with; the map's floor is measured with
-    them (``map_consistency``; default ``PnPConfig()``).
-    """
+    n_frames: int
+    lens_estimate: LensEstimate | None  # None when the estimate was switched off
+    lens: MappingLens | None  # what the map keeps: None when neither lens nor mount was accepted
+    pose_check: PoseCheck | None
+    refinement: PoseRefinement | None
+
+    @property
+    def seconds(self) -> float:
+        r = self.refinement
+        return ((self.lens_estimate.seconds if self.lens_estimate else 0.0)
+                + (self.pose_check.seconds if self.pose_check else 0.0)
+                + (r.seconds_match + r.seconds_solve if r else 0.0))
+
+    def apply(self, frames: Sequence[Frame]) -> tuple[Sequence[Frame], Sequence[Frame]]:
+        """``frames`` at the corrected poses where the refinement was kept (``given``: what a query
+        of that camera looks like), and those with the lens removed and the mount applied (what
+        mapping fits to)."""
+        given = frames
+        if self.refinement is not None and self.refinement.accepted:  # back in the pose frame
+            T_camera_pose = np.linalg.inv(self.lens.mount.T_pose_camera) if self.lens else np.eye(4)
+            given = PosedFrames(frames, self.refinement.poses_I44 @ T_camera_pose)
+        if self.lens is None:
+            return given, given
+        return given, CorrectedFrames(given, self.lens.distortion, self.lens.mount)
+
+
+def prepare_cameras(frames: Sequence[Frame], config: MappingConfig | None = None,
+                    progress: Progress | None = None) -> CameraPreparation:
+    """Estimate the lens (and mount), check the poses against the images and correct them, as
+    ``config`` asks: the stages of mapping before the images are encoded."""
     cfg = config or MappingConfig()
-    if len(frames) < MIN_MAPPING_FRAMES:
-        raise ValueError(f"mapping needs at least {MIN_MAPPING_FRAMES} posed frames, got {len(frames)}")
-    model.eval().requires_grad_(False)
-    # The map frame is the scene frame shifted to the mean camera centre, so the
-    # head works with room-sized offsets whatever the scene's origin.
-    centre_3 = np.mean([frame_pose(frames, i)[:3, 3] for i in range(len(frames))], axis=0)
-
     lens_estimate, lens = None, None
     if cfg.lens.estimate:
         lens_estimate = _stage(progress, "lens", lambda: estimate_lens(frames, cfg.lens),
@@ -541,12 +564,32 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
         refinement = _stage(progress, "pose refinement",
                             lambda: refine_poses(cameras, lens.distortion if lens else None, cfg.pose_refinement),
                             lambda r: {"pairs": r.n_pairs, "moved_mm": r.median_move_mm, "px_after": r.median_px_after})
-        if refinement.accepted:  # from here on the corrected poses stand for the given ones, back in the pose frame
-            T_camera_pose = np.linalg.inv(lens.mount.T_pose_camera) if lens else np.eye(4)
-            frames = PosedFrames(frames, refinement.poses_I44 @ T_camera_pose)
-    given = frames  # the consistency check localizes them as a query would come: lens and all
-    if lens is not None:
-        frames = CorrectedFrames(frames, lens.distortion, lens.mount)
+    return CameraPreparation(len(frames), lens_estimate, lens, pose_check, refinement)
+
+
+def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig | None = None,
+              progress: Progress | None = None, pnp: PnPConfig | None = None,
+              cameras: CameraPreparation | None = None) -> tuple[SceneMap, MappingReport]:
+    """Fit a scene head to ``frames`` (posed RGB + intrinsics). ``progress(stage, done, total, stats)``.
+
+    ``pnp``: the localizer settings the map will be used with; the map's floor is measured with
+    them (``map_consistency``; default ``PnPConfig()``). ``cameras``: a ``prepare_cameras`` of
+    these frames to use instead of making one (another method's map of the same frames).
+    """
+    cfg = config or MappingConfig()
+    if len(frames) < MIN_MAPPING_FRAMES:
+        raise ValueError(f"mapping needs at least {MIN_MAPPING_FRAMES} posed frames, got {len(frames)}")
+    model.eval().requires_grad_(False)
+    # The map frame is the scene frame shifted to the mean camera centre, so the
+    # head works with room-sized offsets whatever the scene's origin.
+    centre_3 = np.mean([frame_pose(frames, i)[:3, 3] for i in range(len(frames))], axis=0)
+
+    if cameras is None:
+        cameras = prepare_cameras(frames, cfg, progress)
+    elif cameras.n_frames != len(frames):
+        raise ValueError(f"the camera preparation was made for {cameras.n_frames} frames, not these {len(frames)}")
+    lens, refinement = cameras.lens, cameras.refinement
+    given, frames = cameras.apply(frames)
 
     t0 = time.perf_counter()
     sweep_scale = cfg.sweep.scale if cfg.method == "aceg" and cfg.sweep_seeds else None
@@ -618,7 +661,7 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
         views = MappingViews.from_poses(T_world_cam_I44, cache.stamps_I.cpu().numpy(), seed_images_M.cpu().numpy(),
                                         cfg.visits.window_s)
     report = MappingReport(cfg.method, len(frames), n, cfg.iterations, loss_val, stats["median_px"],
-                           stats["valid"], t_encode, t_seed, t_opt, lens_estimate, pose_check,
+                           stats["valid"], t_encode, t_seed, t_opt, cameras.lens_estimate, cameras.pose_check,
                            pose_refinement=refinement)
     meta = {
         "model_hash": model.model_hash(),

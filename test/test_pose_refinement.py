@@ -191,11 +191,12 @@ def test_the_sampson_gradient_is_that_of_autograd() -> None:
 def test_mapping_builds_on_the_refined_poses_and_records_them(room_frames, tmp_path) -> None:
     """map_scene with the refinement on: the map's views stand where the refined poses put the
     cameras, and the map file's metadata reports the refinement (cheap mapping settings: the
-    landmarks are not what is tested here)."""
+    landmarks are not what is tested here). A second method maps from the same preparation
+    (what ``aceg-eval --baseline`` does) without refining again."""
     import json
 
     from aceg_model.map_consistency import ConsistencyConfig
-    from aceg_model.mapping import MappingConfig, SceneMap, map_scene
+    from aceg_model.mapping import MappingConfig, SceneMap, map_scene, prepare_cameras
     from aceg_model.model import AcegModel
     from aceg_model.photo_depth import PhotoDepthConfig
     from aceg_model.pose_check import PoseCheckConfig
@@ -208,8 +209,10 @@ def test_mapping_builds_on_the_refined_poses_and_records_them(room_frames, tmp_p
                            lens=LensConfig(estimate=False), pose_check=PoseCheckConfig(enabled=False),
                            consistency=ConsistencyConfig(enabled=False),
                            pose_refinement=replace(CONFIG, max_features=800))
-    scene_map, report = map_scene(model, jittered, config)
+    cameras = prepare_cameras(jittered, config)
+    scene_map, report = map_scene(model, jittered, config, cameras=cameras)
     refinement = report.pose_refinement
+    assert refinement is cameras.refinement and cameras.seconds > 0.0
     assert refinement is not None and refinement.median_px_after < refinement.median_px_before
     assert np.allclose(scene_map.views.centres_I3, refinement.poses_I44[:, :3, 3], atol=1e-4)
     assert not np.allclose(scene_map.views.centres_I3, jittered.poses_I44[:, :3, 3], atol=1e-4)
@@ -220,3 +223,8 @@ def test_mapping_builds_on_the_refined_poses_and_records_them(room_frames, tmp_p
     assert meta["report"]["pose_refinement"]["accepted"] is True
     assert SceneMap.load(path, model).views is not None
     json.dumps(meta)  # nothing in it that JSON cannot hold
+    # The ACE-style head on the same preparation: the same corrected poses, nothing matched again.
+    _, ace_report = map_scene(model, jittered, replace(config, method="ace"), cameras=cameras)
+    assert ace_report.pose_refinement is refinement
+    with pytest.raises(ValueError, match="made for 60 frames, not these 59"):
+        map_scene(model, PosedFrames(room_frames[:59], truth[:59]), config, cameras=cameras)

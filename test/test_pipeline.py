@@ -337,6 +337,9 @@ def test_aceg_eval_baseline_maps_the_mlp_head_beside_aceg(mapped, tmp_path: Path
     assert (result["method"], base["method"]) == ("aceg", "ace")
     assert result["top_k"] == PnPConfig.top_k and base["top_k"] is None
     assert result["mapping_seconds"] == 0.0 and base["mapping_seconds"] > 0.0  # the head was mapped here
+    # ACE-G's map was loaded, so the head found its own lens and poses (shared where ACE-G mapped:
+    # test_pose_refinement.py maps both heads from one preparation).
+    assert base["shared_camera_preparation"] is False and base["pose_refinement"] is not None
     assert result["n_query"] == base["n_query"] == 3 and set(base["perturbed"]) == {"darker"}
     assert [f["name"] for f in base["frames"]] == [f["name"] for f in result["frames"]]
     printed = capsys.readouterr().out

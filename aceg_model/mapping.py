@@ -477,32 +477,50 @@ def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch
 
 
 def all_candidates(head: CodesHead, feats_NF: torch.Tensor, chunk: int, best_first: bool = False,
-                   masks: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+                   masks: list[torch.Tensor | None] | None = None, rows_R: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """``N x k`` indices of the landmarks every mapping patch attends to with the codes as they
     are (with ``best_first``, the best-matching in column 0). With ``masks`` (one per image, from
     ``visits.visit_masks``) the patches of image i choose among the landmarks ``masks[i]`` allows;
-    ``feats_NF`` is then image-major with as many patches per image (as ``FeatureCache``)."""
+    ``feats_NF`` is then image-major with as many patches per image (as ``FeatureCache``).
+    With ``rows_R`` (sorted patch indices) only those rows are searched; the others are -1."""
     # int32: half the memory (600 000 patches x 16 of redkitchen's 500 frames: 38 MB)
+    if rows_R is None:
+        rows_R = torch.arange(len(feats_NF), device=feats_NF.device)
+    k = head.regressor.config.attention_top_k
+    out_Nk = torch.full((len(feats_NF), k), -1, dtype=torch.int32, device=feats_NF.device)
     if masks is None:
-        return torch.cat([head.candidates(f.float(), best_first).int() for f in feats_NF.split(chunk)])
+        for r in rows_R.split(chunk):
+            out_Nk[r] = head.candidates(feats_NF[r].float(), best_first).int()
+        return out_Nk
     per_image = len(feats_NF) // len(masks)
-    return torch.cat([head.candidates(feats_NF[i * per_image:(i + 1) * per_image].float(), best_first, mask).int()
-                      for i, mask in enumerate(masks)])
+    bounds = torch.searchsorted(rows_R, torch.arange(len(masks) + 1, device=rows_R.device) * per_image).tolist()
+    for i, mask in enumerate(masks):
+        r = rows_R[bounds[i]:bounds[i + 1]]
+        if len(r):
+            out_Nk[r] = head.candidates(feats_NF[r].float(), best_first, mask).int()
+    return out_Nk
 
 
 @torch.no_grad()
-def refined_pixels(cache: FeatureCache, fine: FineKeys, best_N: torch.Tensor, window_px: int) -> torch.Tensor:
+def refined_pixels(cache: FeatureCache, fine: FineKeys, best_N: torch.Tensor, window_px: int,
+                   rows_R: torch.Tensor | None = None) -> torch.Tensor:
     """Every mapping patch's pixel (working resolution) moved to where the fine key of its best
-    landmark ``best_N`` matches best in its own image, on the sweep's fine descriptors."""
+    landmark ``best_N`` matches best in its own image, on the sweep's fine descriptors. With
+    ``rows_R`` (sorted patch indices) only those patches move; the others keep their centres."""
     views = cache.sweep_views
     if views is None or views.scale != fine.scale:
         raise ValueError(f"refining mapping pixels needs the sweep's descriptors at scale {fine.scale}")
     per_image = cache.grid_hw[0] * cache.grid_hw[1]  # the cache is image-major
-    out = torch.empty_like(cache.pixels_N2)
-    for i in range(len(views.desc_IPD)):
-        rows = slice(i * per_image, (i + 1) * per_image)
-        out[rows], _ = refine_pixels(fine.keys_MK[best_N[rows].long()], views.desc_IPD[i], views.hw, fine.scale,
-                                     cache.pixels_N2[rows], window_px)
+    if rows_R is None:
+        rows_R = torch.arange(len(cache.pixels_N2), device=cache.pixels_N2.device)
+    bounds = torch.searchsorted(rows_R, torch.arange(len(views.desc_IPD) + 1, device=rows_R.device) * per_image)
+    out = cache.pixels_N2.clone()
+    for i, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+        rows = rows_R[lo:hi]
+        if len(rows):
+            out[rows], _ = refine_pixels(fine.keys_MK[best_N[rows].long()], views.desc_IPD[i], views.hw, fine.scale,
+                                         cache.pixels_N2[rows], window_px)
     return out
 
 
@@ -625,12 +643,20 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
     if refresh and keep_visits:  # each mapping image's patches attend to the landmarks of its visit
         masks = visit_masks(visit_II, seed_images_M, model.regressor.config.attention_top_k)
     t1 = time.perf_counter()
+    batches: list[torch.Tensor] = []
     for it in range(cfg.iterations):
         if refresh and it % refresh == 0:
-            candidates_Nk = all_candidates(head, cache.feats_NF, cfg.batch_patches, refine, masks)
+            # The batches until the next refresh are drawn now (the same draws, in the same order),
+            # so that only the patches they hold are searched: with the kitchen's 600 000 patches
+            # a period of 150 x 4096 draws holds 64 % of them.
+            batches = [torch.randint(n, (min(cfg.batch_patches, n),), generator=gen)
+                       for _ in range(min(refresh, cfg.iterations - it))][::-1]
+            drawn_R = torch.unique(torch.cat(batches)).to(model.device)
+            candidates_Nk = all_candidates(head, cache.feats_NF, cfg.batch_patches, refine, masks, drawn_R)
             if refine:
-                pixels_N2 = refined_pixels(cache, fine, candidates_Nk[:, 0], cfg.refine_window_px)
-        sel = torch.randint(n, (min(cfg.batch_patches, n),), generator=gen).to(model.device)
+                pixels_N2 = refined_pixels(cache, fine, candidates_Nk[:, 0], cfg.refine_window_px, drawn_R)
+        sel = (batches.pop() if batches else torch.randint(n, (min(cfg.batch_patches, n),), generator=gen)
+               ).to(model.device)
         img = cache.image_idx_N[sel]
         feats_bF = cache.feats_NF[sel].float()
         if candidates_Nk is None:

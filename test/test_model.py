@@ -364,3 +364,11 @@ def test_mapping_pixels_refine_onto_the_landmark_they_match(model: AcegModel) ->
     assert (moved[inner] - torch.tensor([8.0, 0.0])).norm(dim=1).median().item() < 0.5
     bounded = refined_pixels(cache, fine, right, window_px=4) - cache.pixels_N2
     assert bounded.abs().max().item() <= 4.0 + 1e-4
+    # Only some patches (mapping refines those its next batches hold): the same pixels there,
+    # the patch centres elsewhere.
+    rows = torch.tensor([1, 7, len(own) // 2, len(own) - 1])
+    some = refined_pixels(cache, fine, right, window_px=10, rows_R=rows)
+    assert torch.equal(some[rows], refined_pixels(cache, fine, right, window_px=10)[rows])
+    others = torch.ones(len(own), dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(some[others], cache.pixels_N2[others])

@@ -166,3 +166,11 @@ def test_mapping_patches_choose_among_the_landmarks_of_their_visit(model) -> Non
     assert (seed_view_M[cand_Nk] < 2).eq(first_visit_N).all()  # every candidate from the patch's own visit
     free_Nk = all_candidates(head, feats_NF, 64, best_first=True).long()
     assert not (seed_view_M[free_Nk] < 2).eq(first_visit_N).all()  # unrestricted, they mix
+    # Mapping searches only the patches its next batches hold: those rows come out the same.
+    rows_R = torch.tensor([0, 3, 49, 50, 120, 199])
+    some_Nk = all_candidates(head, feats_NF, 64, best_first=True, masks=masks, rows_R=rows_R).long()
+    assert torch.equal(some_Nk[rows_R], cand_Nk[rows_R])
+    others = torch.ones(200, dtype=torch.bool)
+    others[rows_R] = False
+    assert (some_Nk[others] == -1).all()
+    assert torch.equal(all_candidates(head, feats_NF, 4, best_first=True, rows_R=rows_R).long()[rows_R], free_Nk[rows_R])

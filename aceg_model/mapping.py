@@ -493,13 +493,17 @@ def all_candidates(head: CodesHead, feats_NF: torch.Tensor, chunk: int, best_fir
         for r in rows_R.split(chunk):
             out_Nk[r] = head.candidates(feats_NF[r].float(), best_first).int()
         return out_Nk
-    per_image = len(feats_NF) // len(masks)
-    bounds = torch.searchsorted(rows_R, torch.arange(len(masks) + 1, device=rows_R.device) * per_image).tolist()
-    for i, mask in enumerate(masks):
-        r = rows_R[bounds[i]:bounds[i + 1]]
+    for r, mask in zip(rows_by_image(rows_R, len(masks), len(feats_NF) // len(masks)), masks):
         if len(r):
             out_Nk[r] = head.candidates(feats_NF[r].float(), best_first, mask).int()
     return out_Nk
+
+
+def rows_by_image(rows_R: torch.Tensor, n_images: int, per_image: int) -> list[torch.Tensor]:
+    """Sorted patch indices of an image-major cache (``per_image`` patches each), split by image:
+    one tensor per image, empty where none of its patches is among them."""
+    bounds = torch.searchsorted(rows_R, torch.arange(n_images + 1, device=rows_R.device) * per_image).tolist()
+    return [rows_R[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 @torch.no_grad()
@@ -514,10 +518,8 @@ def refined_pixels(cache: FeatureCache, fine: FineKeys, best_N: torch.Tensor, wi
     per_image = cache.grid_hw[0] * cache.grid_hw[1]  # the cache is image-major
     if rows_R is None:
         rows_R = torch.arange(len(cache.pixels_N2), device=cache.pixels_N2.device)
-    bounds = torch.searchsorted(rows_R, torch.arange(len(views.desc_IPD) + 1, device=rows_R.device) * per_image)
     out = cache.pixels_N2.clone()
-    for i, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
-        rows = rows_R[lo:hi]
+    for i, rows in enumerate(rows_by_image(rows_R, len(views.desc_IPD), per_image)):
         if len(rows):
             out[rows], _ = refine_pixels(fine.keys_MK[best_N[rows].long()], views.desc_IPD[i], views.hw, fine.scale,
                                          cache.pixels_N2[rows], window_px)
@@ -644,19 +646,21 @@ def map_scene(model: AcegModel, frames: Sequence[Frame], config: MappingConfig |
         masks = visit_masks(visit_II, seed_images_M, model.regressor.config.attention_top_k)
     t1 = time.perf_counter()
     batches: list[torch.Tensor] = []
+
+    def draw() -> torch.Tensor:
+        return torch.randint(n, (min(cfg.batch_patches, n),), generator=gen)
+
     for it in range(cfg.iterations):
         if refresh and it % refresh == 0:
             # The batches until the next refresh are drawn now (the same draws, in the same order),
             # so that only the patches they hold are searched: with the kitchen's 600 000 patches
             # a period of 150 x 4096 draws holds 64 % of them.
-            batches = [torch.randint(n, (min(cfg.batch_patches, n),), generator=gen)
-                       for _ in range(min(refresh, cfg.iterations - it))][::-1]
+            batches = [draw() for _ in range(min(refresh, cfg.iterations - it))][::-1]
             drawn_R = torch.unique(torch.cat(batches)).to(model.device)
             candidates_Nk = all_candidates(head, cache.feats_NF, cfg.batch_patches, refine, masks, drawn_R)
             if refine:
                 pixels_N2 = refined_pixels(cache, fine, candidates_Nk[:, 0], cfg.refine_window_px, drawn_R)
-        sel = (batches.pop() if batches else torch.randint(n, (min(cfg.batch_patches, n),), generator=gen)
-               ).to(model.device)
+        sel = (batches.pop() if batches else draw()).to(model.device)
         img = cache.image_idx_N[sel]
         feats_bF = cache.feats_NF[sel].float()
         if candidates_Nk is None:

@@ -137,8 +137,9 @@ def test_jittered_poses_move_each_frame_by_the_stated_noise_and_leave_images_alo
     np.testing.assert_array_equal(jittered.pose(3), tuning_scenes.JitteredPoses(frames, 3.0, 0.1, seed=1).pose(3))
 
 
-def test_the_jittered_room_maps_room900001_and_keeps_its_queries() -> None:
+@pytest.mark.parametrize("true_poses, jittered_poses", [("room900001", "jitter900001"), ("blk900011", "jitter900011")])
+def test_a_jittered_scene_maps_its_scene_and_keeps_its_queries(true_poses: str, jittered_poses: str) -> None:
     by_scene = {job.scene: job for job in tuning_scenes.jobs(Path("scenes"))}
-    room, jittered = by_scene["room900001"], by_scene["jitter900001"]
+    room, jittered = by_scene[true_poses], by_scene[jittered_poses]
     assert jittered.data == room.data and jittered.queries == room.queries and jittered.mapping == room.mapping
     assert room.pose_jitter is None and jittered.pose_jitter == (3.0, 0.1)

@@ -230,6 +230,11 @@ def evaluate(args: argparse.Namespace) -> int:
         if out["model"]["hash"] != info["hash"]:
             raise ValueError(f"{args.json} holds results of another model ({out['model']['path']}); "
                              "pass another --json")
+        # Files from before the option have no record of it: they were mapped at the shipped default.
+        made_at = out.get("args", {}).get("sweep_min_baseline", SweepConfig.min_baseline_m)
+        if made_at != args.sweep_min_baseline:
+            raise ValueError(f"{args.json} holds results mapped with --sweep-min-baseline {made_at}, not "
+                             f"{args.sweep_min_baseline}; pass another --json")
         out["finished_at"] = None
     else:
         out = {**run_header(NAME, args, device), "model": info, "query_sets": {}}
@@ -342,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--json is required (or --table)")
         if any(seed < 0 for seed in args.seeds) or len(set(args.seeds)) != len(args.seeds):
             p.error(f"--seeds must be distinct and >= 0, got {args.seeds}")
+        if not args.sweep_min_baseline >= 0:
+            p.error(f"--sweep-min-baseline must be >= 0 m, got {args.sweep_min_baseline}")
         return evaluate(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"{NAME}: {e}", file=sys.stderr)

@@ -93,6 +93,24 @@ def test_seeds_must_be_distinct_and_not_negative(tmp_path: Path) -> None:
             tuning_scenes.main(["--json", str(tmp_path / "out.json"), "--seeds", *seeds])
 
 
+def test_sweep_min_baseline_must_not_be_negative(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        tuning_scenes.main(["--json", str(tmp_path / "out.json"), "--sweep-min-baseline", "-0.1"])
+
+
+def test_results_mapped_with_another_sweep_setting_are_not_added_to(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    model = tuning_scenes.load_model(tuning_scenes.DEFAULT_MODEL, tuning_scenes.pick_device("cpu"))
+    old = {"args": {"sweep_min_baseline": 0.05}, "query_sets": {},
+           "model": {"hash": tuning_scenes.model_info(model, tuning_scenes.DEFAULT_MODEL)["hash"], "path": "m"}}
+    out = tmp_path / "out.json"
+    out.write_text(json.dumps(old))
+    args = ["--json", str(out), "--only", "kitti06/odd", "--device", "cpu", "--sweep-min-baseline", "0.15"]
+    assert tuning_scenes.main(args) == 2
+    assert "--sweep-min-baseline 0.05" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == old  # untouched
+
+
 def test_table_refuses_other_json(tmp_path: Path) -> None:
     other = tmp_path / "bench.json"
     other.write_text(json.dumps({"benchmark": "bench_localize"}))

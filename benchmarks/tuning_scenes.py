@@ -254,7 +254,7 @@ def evaluate(args: argparse.Namespace) -> int:
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         config = MappingConfig(pose_refinement=PoseRefinementConfig(enabled=args.refine_poses),
-                               sweep=replace(SweepConfig(), min_baseline_m=args.sweep_min_baseline))
+                               sweep=SweepConfig(min_baseline_m=args.sweep_min_baseline))
         scene_map, _ = map_scene(model, mapping, config)
         mapping_s = time.perf_counter() - t0
         localizer = Localizer(model, scene_map, PnPConfig())

@@ -41,6 +41,10 @@ class SweepConfig:
     # the median pose error 3.5 / 4.2 cm -> 2.3 / 3.9 cm at 16; the sweep costs ~2x the time of 6.
     n_neighbours: int = 16
     min_baseline_m: float = 0.05  # closer views triangulate badly
+    # Of the n_neighbours, up to n_wide are the best-ranked views at least wide_baseline_m away
+    # (the rest as above): a depth from a wider baseline is less sensitive to the poses' errors.
+    n_wide: int = 0
+    wide_baseline_m: float = 0.15
     max_angle_deg: float = 45.0  # optical axes further apart than this rarely see the same surface alike
     min_depth_m: float = 0.3
     max_depth_m: float = 12.0
@@ -63,6 +67,9 @@ class SweepConfig:
         if (self.n_neighbours < 1 or self.n_depths < 2 or self.oversample < 1.0 or self.chunk < 1
                 or self.scale < 1):
             raise ValueError(f"invalid sweep settings {self}")
+        if not 0 <= self.n_wide <= self.n_neighbours or self.wide_baseline_m < self.min_baseline_m:
+            raise ValueError(f"need 0 <= n_wide <= n_neighbours and wide_baseline_m >= min_baseline_m, got "
+                             f"{self.n_wide}, {self.n_neighbours}, {self.wide_baseline_m}, {self.min_baseline_m}")
         if not 0 < self.min_depth_m < self.max_depth_m:
             raise ValueError(f"need 0 < min_depth_m < max_depth_m, got {self.min_depth_m}, {self.max_depth_m}")
 
@@ -93,7 +100,8 @@ def neighbour_views(T_cam_map_I44: torch.Tensor, config: SweepConfig,
     """``I x n`` indices of each view's neighbours (-1 where there are fewer): the views at least
     ``min_baseline_m`` away with optical axes within ``max_angle_deg``, closest first. With
     ``same_visit_II`` (``aceg_model.visits``) the views of a view's own visit come first, and
-    others only fill the places its visit leaves."""
+    others only fill the places its visit leaves. With ``n_wide`` the first places go to the
+    best-ranked of the views at least ``wide_baseline_m`` away (fewer where there are fewer)."""
     T_map_cam = torch.linalg.inv(T_cam_map_I44)
     centres_I3, axes_I3 = T_map_cam[:, :3, 3], T_map_cam[:, :3, 2]
     dist_II = torch.cdist(centres_I3, centres_I3)
@@ -104,7 +112,15 @@ def neighbour_views(T_cam_map_I44: torch.Tensor, config: SweepConfig,
     if same_visit_II is not None:  # scores of valid pairs are below 1.2: 10 ranks every other visit last
         score = score + 10.0 * (~same_visit_II).to(score.dtype)
     n = min(config.n_neighbours, len(T_cam_map_I44) - 1)
-    order = score.argsort(dim=1)[:, :n]
+    if config.n_wide:
+        wide = torch.where(dist_II >= config.wide_baseline_m, score, torch.full_like(score, float("inf")))
+        first = wide.argsort(dim=1)[:, :min(config.n_wide, n)]
+        # Scores below 1.2 are valid views of the own visit (another visit adds 10): -100 puts the
+        # chosen wide views first, and only those of the own visit, which keeps visits' precedence.
+        bonus = torch.where(torch.gather(wide, 1, first) < 5.0, -100.0, 0.0)
+        order = score.scatter_add(1, first, bonus).argsort(dim=1)[:, :n]
+    else:
+        order = score.argsort(dim=1)[:, :n]
     return torch.where(torch.gather(score, 1, order).isfinite(), order, torch.full_like(order, -1))
 
 

@@ -230,11 +230,13 @@ def evaluate(args: argparse.Namespace) -> int:
         if out["model"]["hash"] != info["hash"]:
             raise ValueError(f"{args.json} holds results of another model ({out['model']['path']}); "
                              "pass another --json")
-        # Files from before the option have no record of it: they were mapped at the shipped default.
-        made_at = out.get("args", {}).get("sweep_min_baseline", SweepConfig.min_baseline_m)
-        if made_at != args.sweep_min_baseline:
-            raise ValueError(f"{args.json} holds results mapped with --sweep-min-baseline {made_at}, not "
-                             f"{args.sweep_min_baseline}; pass another --json")
+        # Files from before an option have no record of it: they were mapped at the default of then.
+        for option, before in (("sweep_min_baseline", 0.05), ("sweep_wide", 0)):
+            made_at = out.get("args", {}).get(option, before)
+            if made_at != getattr(args, option):
+                flag = "--" + option.replace("_", "-")
+                raise ValueError(f"{args.json} holds results mapped with {flag} {made_at}, not "
+                                 f"{getattr(args, option)}; pass another --json")
         out["finished_at"] = None
     else:
         out = {**run_header(NAME, args, device), "model": info, "query_sets": {}}
@@ -254,7 +256,7 @@ def evaluate(args: argparse.Namespace) -> int:
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         config = MappingConfig(pose_refinement=PoseRefinementConfig(enabled=args.refine_poses),
-                               sweep=SweepConfig(min_baseline_m=args.sweep_min_baseline))
+                               sweep=SweepConfig(min_baseline_m=args.sweep_min_baseline, n_wide=args.sweep_wide))
         scene_map, _ = map_scene(model, mapping, config)
         mapping_s = time.perf_counter() - t0
         localizer = Localizer(model, scene_map, PnPConfig())
@@ -335,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="correct the mapping poses from the mapping images before mapping (aceg_model.pose_refinement)")
     p.add_argument("--sweep-min-baseline", type=float, default=SweepConfig.min_baseline_m, metavar="M",
                    help="the plane sweep's nearest neighbour view, metres (SweepConfig.min_baseline_m)")
+    p.add_argument("--sweep-wide", type=int, default=SweepConfig.n_wide, metavar="N",
+                   help="of the sweep's neighbour views, up to N at least SweepConfig.wide_baseline_m away "
+                        "(SweepConfig.n_wide)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--table", nargs="+", type=Path, metavar="JSON", default=None,
                    help="print a markdown table of these result files instead of evaluating")
@@ -349,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--seeds must be distinct and >= 0, got {args.seeds}")
         if not args.sweep_min_baseline >= 0:
             p.error(f"--sweep-min-baseline must be >= 0 m, got {args.sweep_min_baseline}")
+        if not 0 <= args.sweep_wide <= SweepConfig.n_neighbours:
+            p.error(f"--sweep-wide must be in [0, {SweepConfig.n_neighbours}], got {args.sweep_wide}")
         return evaluate(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"{NAME}: {e}", file=sys.stderr)

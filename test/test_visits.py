@@ -1,7 +1,8 @@
 """Visits (aceg_model.visits): landmarks kept to the stretch of the mapping sequence they were
 seeded in. The masked landmark search, the sweep's neighbour order, the localizer's re-solve
 within the nearest visit, the map file's record of the views, and mapping a room whose second
-visit's poses drifted."""
+visit's poses drifted. Also the sweep's share of wide-baseline neighbours, which keeps to the
+visits' order."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -67,6 +68,22 @@ def test_sweep_neighbours_come_from_the_own_visit_first() -> None:
     assert (plain[0, :9] >= 10).any()  # the other pass's views are as close
     assert (visits[0, :9] < 10).all() and (visits[0, 9:] >= 10).all()  # own visit first, then the other
     assert (visits[15, :9] >= 10).all()
+
+
+def test_wide_neighbours_come_first_and_keep_to_the_own_visit() -> None:
+    # One pass along a line, 2 cm per view, all looking along +z; views 0-5 are one visit.
+    T_cam_map = torch.as_tensor(np.stack([np.linalg.inv(make_pose(np.eye(3), [0.02 * i, 0.0, 0.0]))
+                                          for i in range(20)]), dtype=torch.float32)
+    cfg = SweepConfig(n_neighbours=4, n_wide=2, min_baseline_m=0.05, wide_baseline_m=0.15)
+    assert neighbour_views(T_cam_map, cfg)[0].tolist() == [8, 9, 3, 4]  # >= 15 cm, then >= 5 cm
+    assert neighbour_views(T_cam_map, replace(cfg, n_wide=0))[0].tolist() == [3, 4, 5, 6]
+    # Its own visit holds no view 15 cm away: the wide places go to its near views, not another visit.
+    stamps = torch.as_tensor(np.r_[np.arange(6.0), 60 + np.arange(14.0)], dtype=torch.float64)
+    assert neighbour_views(T_cam_map, cfg, same_visit(stamps, 10.0))[0].tolist() == [3, 4, 5, 6]
+    with pytest.raises(ValueError, match="n_wide"):
+        SweepConfig(n_neighbours=4, n_wide=5)
+    with pytest.raises(ValueError, match="wide_baseline_m"):
+        SweepConfig(min_baseline_m=0.2, wide_baseline_m=0.15)
 
 
 def drifted_correspondences(shift_m: float):

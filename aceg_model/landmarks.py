@@ -42,8 +42,11 @@ class SweepConfig:
     n_neighbours: int = 16
     min_baseline_m: float = 0.05  # closer views triangulate badly
     # Of the n_neighbours, up to n_wide are the best-ranked views at least wide_baseline_m away
-    # (the rest as above): a depth from a wider baseline is less sensitive to the poses' errors.
-    n_wide: int = 0
+    # (the rest as above): a depth from a wider baseline is less sensitive to the poses' errors
+    # (a tracker's 3 mm is 4 % of an 8 cm baseline, 1.5 % of 20 cm). Measured on the walks
+    # blk900011 / jitter900011 (true / jittered poses), two maps each, 5cm/5deg: 94.6 / 90.9 % at 0,
+    # 94.8 / 90.8 % at 8, with 2 frames fewer without a pose on each; the mapping time the same.
+    n_wide: int = 8
     wide_baseline_m: float = 0.15
     max_angle_deg: float = 45.0  # optical axes further apart than this rarely see the same surface alike
     min_depth_m: float = 0.3
@@ -67,9 +70,9 @@ class SweepConfig:
         if (self.n_neighbours < 1 or self.n_depths < 2 or self.oversample < 1.0 or self.chunk < 1
                 or self.scale < 1):
             raise ValueError(f"invalid sweep settings {self}")
-        if not 0 <= self.n_wide <= self.n_neighbours or self.wide_baseline_m < self.min_baseline_m:
-            raise ValueError(f"need 0 <= n_wide <= n_neighbours and wide_baseline_m >= min_baseline_m, got "
-                             f"{self.n_wide}, {self.n_neighbours}, {self.wide_baseline_m}, {self.min_baseline_m}")
+        if self.n_wide < 0 or self.wide_baseline_m < self.min_baseline_m:  # n_wide > n_neighbours: all wide
+            raise ValueError(f"need n_wide >= 0 and wide_baseline_m >= min_baseline_m, got "
+                             f"{self.n_wide}, {self.wide_baseline_m}, {self.min_baseline_m}")
         if not 0 < self.min_depth_m < self.max_depth_m:
             raise ValueError(f"need 0 < min_depth_m < max_depth_m, got {self.min_depth_m}, {self.max_depth_m}")
 

@@ -80,8 +80,9 @@ def test_wide_neighbours_come_first_and_keep_to_the_own_visit() -> None:
     # Its own visit holds no view 15 cm away: the wide places go to its near views, not another visit.
     stamps = torch.as_tensor(np.r_[np.arange(6.0), 60 + np.arange(14.0)], dtype=torch.float64)
     assert neighbour_views(T_cam_map, cfg, same_visit(stamps, 10.0))[0].tolist() == [3, 4, 5, 6]
+    assert neighbour_views(T_cam_map, replace(cfg, n_wide=9))[0].tolist() == [8, 9, 10, 11]  # all wide
     with pytest.raises(ValueError, match="n_wide"):
-        SweepConfig(n_neighbours=4, n_wide=5)
+        SweepConfig(n_wide=-1)
     with pytest.raises(ValueError, match="wide_baseline_m"):
         SweepConfig(min_baseline_m=0.2, wide_baseline_m=0.15)
 

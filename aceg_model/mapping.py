@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Sequence, TypeVar
 
 import numpy as np
@@ -432,7 +432,8 @@ def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch
     views (``aceg_model.landmarks``), and of ``sweep.oversample`` x M candidates the M with the
     sharpest sweep are kept; without it (or where the sweep finds nothing) landmarks sit at
     ``depth_m``. With ``photo`` (enabled) the swept depths are then sharpened by NCC of the
-    mapping images' raw pixels (``aceg_model.photo_depth``; needs the cache's grey views).
+    mapping images' raw pixels (``aceg_model.photo_depth``; needs the cache's grey views), against
+    the sweep's neighbours or, with ``photo.n_wide``, a set with its own share of wide ones.
     With ``same_visit_II`` (``visits.same_visit`` of the cache's stamps) the sweep's neighbours
     come from the seed image's own visit first. The reprojection loss then refines
     them from every view whose patches attend."""
@@ -445,7 +446,7 @@ def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch
         if cache.sweep_views is None or cache.sweep_views.scale != sweep.scale:
             raise ValueError(f"the feature cache holds no sweep views at scale {sweep.scale} "
                              f"(cache_features(..., sweep_scale={sweep.scale}))")
-        neighbours_In = neighbour_views(cache.T_cam_map_I44, sweep, same_visit_II)  # the sweep's, then the NCC step's
+        neighbours_In = neighbour_views(cache.T_cam_map_I44, sweep, same_visit_II)  # the sweep's (and the NCC step's)
         # A scene with fewer patches than landmarks draws patches more than once: depths are found
         # per distinct patch (``patches``; candidate i is patch ``again[i]``).
         patches, again = sel.unique(return_inverse=True)
@@ -460,6 +461,8 @@ def seed_codes(model: AcegModel, cache: FeatureCache, depth_m: float, gen: torch
                                  f"(cache_features(..., grey_scale={photo.scale}))")
             kept_U, again = again.unique(return_inverse=True)  # only the kept patches are sharpened
             patches = patches[kept_U]
+            if photo.n_wide is not None and photo.n_wide != sweep.n_wide:
+                neighbours_In = neighbour_views(cache.T_cam_map_I44, replace(sweep, n_wide=photo.n_wide), same_visit_II)
             swept_U, _ = refine_depths(cache.grey_views, cache.T_cam_map_I44, neighbours_In, cache.image_idx_N[patches],
                                        cache.pixels_N2[patches], swept_U[kept_U], photo)
         swept = swept_U[again]

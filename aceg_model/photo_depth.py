@@ -37,8 +37,13 @@ class PhotoDepthConfig:
     # The best mean NCC must exceed this, else the sweep's depth stays (textureless windows).
     min_ncc: float = 0.0
     chunk: int = 256  # candidates per batch (memory: chunk x n_depths x window x neighbours floats)
+    # The views compared: the sweep's neighbours (None), or the sweep's with this many from its wide
+    # baseline on (``SweepConfig.n_wide``; 0: the nearest only, where windows look most alike).
+    n_wide: int | None = None
 
     def __post_init__(self) -> None:
+        if self.n_wide is not None and self.n_wide < 0:
+            raise ValueError(f"n_wide must be None or >= 0, got {self.n_wide}")
         if self.scale < 1 or self.radius_px < 1 or self.n_depths < 3 or self.chunk < 1:
             raise ValueError(f"invalid photometric depth settings {self}")
         if not 0 < self.span < 1:

@@ -51,6 +51,7 @@ from aceg_model.localizer import Localizer
 from aceg_model.mapping import MappingConfig, map_scene
 from aceg_model.pose_refinement import PoseRefinementConfig
 from aceg_model.model import pick_device
+from aceg_model.photo_depth import PhotoDepthConfig
 from aceg_model.pnp import PnPConfig
 from aceg_model.scene.cli import write_scene
 from aceg_model.scene.generate import SceneConfig, default_queries, generate_scene
@@ -231,7 +232,7 @@ def evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.json} holds results of another model ({out['model']['path']}); "
                              "pass another --json")
         # Files from before an option have no record of it: they were mapped at the default of then.
-        for option, before in (("sweep_min_baseline", 0.05), ("sweep_wide", 0)):
+        for option, before in (("sweep_min_baseline", 0.05), ("sweep_wide", 0), ("ncc_wide", None)):
             made_at = out.get("args", {}).get(option, before)
             if made_at != getattr(args, option):
                 flag = "--" + option.replace("_", "-")
@@ -256,7 +257,8 @@ def evaluate(args: argparse.Namespace) -> int:
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         config = MappingConfig(pose_refinement=PoseRefinementConfig(enabled=args.refine_poses),
-                               sweep=SweepConfig(min_baseline_m=args.sweep_min_baseline, n_wide=args.sweep_wide))
+                               sweep=SweepConfig(min_baseline_m=args.sweep_min_baseline, n_wide=args.sweep_wide),
+                               photo_depth=PhotoDepthConfig(n_wide=args.ncc_wide))
         scene_map, _ = map_scene(model, mapping, config)
         mapping_s = time.perf_counter() - t0
         localizer = Localizer(model, scene_map, PnPConfig())
@@ -340,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-wide", type=int, default=SweepConfig.n_wide, metavar="N",
                    help="of the sweep's neighbour views, up to N at least SweepConfig.wide_baseline_m away "
                         "(SweepConfig.n_wide)")
+    p.add_argument("--ncc-wide", type=int, default=PhotoDepthConfig.n_wide, metavar="N",
+                   help="the NCC step's views: the sweep's with up to N from the wide baseline on "
+                        "(PhotoDepthConfig.n_wide; default: the sweep's own)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--table", nargs="+", type=Path, metavar="JSON", default=None,
                    help="print a markdown table of these result files instead of evaluating")
@@ -354,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--seeds must be distinct and >= 0, got {args.seeds}")
         if not args.sweep_min_baseline >= 0:
             p.error(f"--sweep-min-baseline must be >= 0 m, got {args.sweep_min_baseline}")
-        if not 0 <= args.sweep_wide <= SweepConfig.n_neighbours:
-            p.error(f"--sweep-wide must be in [0, {SweepConfig.n_neighbours}], got {args.sweep_wide}")
+        for flag, value in (("--sweep-wide", args.sweep_wide), ("--ncc-wide", args.ncc_wide)):
+            if value is not None and not 0 <= value <= SweepConfig.n_neighbours:
+                p.error(f"{flag} must be in [0, {SweepConfig.n_neighbours}], got {value}")
         return evaluate(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"{NAME}: {e}", file=sys.stderr)

@@ -92,29 +92,44 @@ def surface_gap(positions_M3: torch.Tensor, T_cam_map_I44: torch.Tensor, K_I33: 
     return gaps
 
 
-def test_mapping_seeds_sit_closer_to_the_surface_with_ncc(scene) -> None:
+def test_mapping_seeds_sit_closer_to_the_surface_with_ncc(scene, monkeypatch: pytest.MonkeyPatch) -> None:
     """``seed_codes`` with the shipped checkpoint: the same landmarks, sharpened by NCC, are
-    nearer the rendered surface than where the plane sweep alone put them."""
+    nearer the rendered surface than where the plane sweep alone put them, whether the NCC step
+    compares against the sweep's views or against the nearest only (``n_wide=0``)."""
     model = AcegModel.load(CHECKPOINT)
     model.config.regressor = replace(model.config.regressor, n_codes=2000)
     centre = np.mean([f.T_world_cam[:3, 3] for f in scene.mapping], axis=0)
     cache = cache_features(model, scene.mapping, centre, sweep_scale=3, grey_scale=2)
-    sweep = SweepConfig(n_neighbours=8)
+    # Its 24 views are all over 15 cm apart, so the wide share begins past view 0's first neighbour here.
+    near = neighbour_views(cache.T_cam_map_I44, SweepConfig(n_neighbours=8, n_wide=0))
+    centres = torch.linalg.inv(cache.T_cam_map_I44)[:, :3, 3]
+    sweep = SweepConfig(n_neighbours=8, n_wide=4, wide_baseline_m=1.01 * (centres[0] - centres[near[0, 0]]).norm().item())
+    compared = []  # the views each NCC run compares against
+
+    def recording(views, T, neigh_In, *args):
+        compared.append(neigh_In)
+        return refine_depths(views, T, neigh_In, *args)
+
+    monkeypatch.setattr("aceg_model.mapping.refine_depths", recording)
     positions = {}
-    for name, photo in (("sweep", None), ("ncc", PhotoDepthConfig())):
+    for name, photo in (("sweep", None), ("ncc", PhotoDepthConfig()), ("ncc_near", PhotoDepthConfig(n_wide=0))):
         codes, _, _ = seed_codes(model, cache, 2.0, torch.Generator().manual_seed(0), sweep, photo=photo)
         positions[name] = codes[:, -3:]
+    assert torch.equal(compared[0], neighbour_views(cache.T_cam_map_I44, sweep))
+    assert torch.equal(compared[1], neighbour_views(cache.T_cam_map_I44, replace(sweep, n_wide=0)))
+    assert not torch.equal(compared[0], compared[1])
     gap = {k: surface_gap(p, cache.T_cam_map_I44, cache.K_I33, scene.mapping) for k, p in positions.items()}
-    seen = gap["sweep"].isfinite() & gap["ncc"].isfinite()
+    seen = gap["sweep"].isfinite() & gap["ncc"].isfinite() & gap["ncc_near"].isfinite()
     assert seen.float().mean() > 0.9
-    sweep_gap, ncc_gap = gap["sweep"][seen].median().item(), gap["ncc"][seen].median().item()
-    assert ncc_gap < 0.6 * sweep_gap, (ncc_gap, sweep_gap)
+    sweep_gap = gap["sweep"][seen].median().item()
+    for name in ("ncc", "ncc_near"):
+        assert gap[name][seen].median().item() < 0.6 * sweep_gap, (name, gap[name][seen].median().item(), sweep_gap)
     with pytest.raises(ValueError, match="grey views"):
         seed_codes(model, replace(cache, grey_views=None), 2.0, torch.Generator(), sweep, photo=PhotoDepthConfig())
 
 
 @pytest.mark.parametrize("bad", [dict(scale=0), dict(radius_px=0), dict(n_depths=2), dict(span=0.0),
-                                 dict(span=1.5), dict(min_ncc=1.0)])
+                                 dict(span=1.5), dict(min_ncc=1.0), dict(n_wide=-1)])
 def test_bad_settings_are_refused(bad) -> None:
     with pytest.raises(ValueError):
         PhotoDepthConfig(**bad)

@@ -94,7 +94,8 @@ def test_seeds_must_be_distinct_and_not_negative(tmp_path: Path) -> None:
 
 
 def test_sweep_settings_out_of_range_are_refused(tmp_path: Path) -> None:
-    for flag, value in (("--sweep-min-baseline", "-0.1"), ("--sweep-wide", "-1"), ("--sweep-wide", "17")):
+    for flag, value in (("--sweep-min-baseline", "-0.1"), ("--sweep-wide", "-1"), ("--sweep-wide", "17"),
+                        ("--ncc-wide", "-1")):
         with pytest.raises(SystemExit):
             tuning_scenes.main(["--json", str(tmp_path / "out.json"), flag, value])
 
@@ -102,14 +103,14 @@ def test_sweep_settings_out_of_range_are_refused(tmp_path: Path) -> None:
 def test_results_mapped_with_another_sweep_setting_are_not_added_to(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture) -> None:
     model = tuning_scenes.load_model(tuning_scenes.DEFAULT_MODEL, tuning_scenes.pick_device("cpu"))
-    old = {"args": {"sweep_min_baseline": 0.05}, "query_sets": {},
+    old = {"args": {"sweep_min_baseline": 0.05, "sweep_wide": 8}, "query_sets": {},
            "model": {"hash": tuning_scenes.model_info(model, tuning_scenes.DEFAULT_MODEL)["hash"], "path": "m"}}
     out = tmp_path / "out.json"
     out.write_text(json.dumps(old))
     args = ["--json", str(out), "--only", "kitti06/odd", "--device", "cpu"]
-    # The file has no record of --sweep-wide: it was mapped before the option, at 0.
+    # The file has no record of --ncc-wide: it was mapped before the option, with the sweep's views (None).
     for flag, value, said in (("--sweep-min-baseline", "0.15", "--sweep-min-baseline 0.05"),
-                              ("--sweep-wide", "8", "--sweep-wide 0")):
+                              ("--sweep-wide", "0", "--sweep-wide 8"), ("--ncc-wide", "0", "--ncc-wide None")):
         assert tuning_scenes.main([*args, flag, value]) == 2
         assert said in capsys.readouterr().err
         assert json.loads(out.read_text()) == old  # untouched

@@ -38,7 +38,8 @@ class PhotoDepthConfig:
     min_ncc: float = 0.0
     chunk: int = 256  # candidates per batch (memory: chunk x n_depths x window x neighbours floats)
     # The views compared: the sweep's neighbours (None), or the sweep's with this many from its wide
-    # baseline on (``SweepConfig.n_wide``; 0: the nearest only, where windows look most alike).
+    # baseline on (``SweepConfig.n_wide``; 0: none of the wide ones first, the views whose windows
+    # look most alike).
     n_wide: int | None = None
 
     def __post_init__(self) -> None:

@@ -95,7 +95,7 @@ def surface_gap(positions_M3: torch.Tensor, T_cam_map_I44: torch.Tensor, K_I33: 
 def test_mapping_seeds_sit_closer_to_the_surface_with_ncc(scene, monkeypatch: pytest.MonkeyPatch) -> None:
     """``seed_codes`` with the shipped checkpoint: the same landmarks, sharpened by NCC, are
     nearer the rendered surface than where the plane sweep alone put them, whether the NCC step
-    compares against the sweep's views or against the nearest only (``n_wide=0``)."""
+    compares against the sweep's views or against its own set without the wide share (``n_wide=0``)."""
     model = AcegModel.load(CHECKPOINT)
     model.config.regressor = replace(model.config.regressor, n_codes=2000)
     centre = np.mean([f.T_world_cam[:3, 3] for f in scene.mapping], axis=0)

@@ -46,6 +46,7 @@ class SweepConfig:
     # (a tracker's 3 mm is 4 % of an 8 cm baseline, 1.5 % of 20 cm). Measured on the walks
     # blk900011 / jitter900011 (true / jittered poses), two maps each, 5cm/5deg: 94.6 / 90.9 % at 0,
     # 94.8 / 90.8 % at 8, with 2 frames fewer without a pose on each; the mapping time the same.
+    # (The NCC step compares against the sweep's views without the wide share: PhotoDepthConfig.n_wide.)
     n_wide: int = 8
     wide_baseline_m: float = 0.15
     max_angle_deg: float = 45.0  # optical axes further apart than this rarely see the same surface alike

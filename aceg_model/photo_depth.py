@@ -39,8 +39,10 @@ class PhotoDepthConfig:
     chunk: int = 256  # candidates per batch (memory: chunk x n_depths x window x neighbours floats)
     # The views compared: the sweep's neighbours (None), or the sweep's with this many from its wide
     # baseline on (``SweepConfig.n_wide``; 0: none of the wide ones first, the views whose windows
-    # look most alike).
-    n_wide: int | None = None
+    # look most alike). Measured on the walk jitter900011 (jittered poses), two maps each, with the
+    # sweep's 8 wide views: 71.2 % of the queries within 1 cm at None, 74.6 % at 0 (74.3 % before
+    # the sweep had wide views), the 5cm and 10cm rates of both walks within 0.3 points.
+    n_wide: int | None = 0
 
     def __post_init__(self) -> None:
         if self.n_wide is not None and self.n_wide < 0:

@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(SweepConfig.n_wide)")
     p.add_argument("--ncc-wide", type=int, default=PhotoDepthConfig.n_wide, metavar="N",
                    help="the NCC step's views: the sweep's with up to N from the wide baseline on "
-                        "(PhotoDepthConfig.n_wide; default: the sweep's own)")
+                        "(PhotoDepthConfig.n_wide); -1: the sweep's own views")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--table", nargs="+", type=Path, metavar="JSON", default=None,
                    help="print a markdown table of these result files instead of evaluating")
@@ -359,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--seeds must be distinct and >= 0, got {args.seeds}")
         if not args.sweep_min_baseline >= 0:
             p.error(f"--sweep-min-baseline must be >= 0 m, got {args.sweep_min_baseline}")
+        if args.ncc_wide == -1:
+            args.ncc_wide = None
         for flag, value in (("--sweep-wide", args.sweep_wide), ("--ncc-wide", args.ncc_wide)):
             if value is not None and not 0 <= value <= SweepConfig.n_neighbours:
                 p.error(f"{flag} must be in [0, {SweepConfig.n_neighbours}], got {value}")

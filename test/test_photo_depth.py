@@ -112,7 +112,7 @@ def test_mapping_seeds_sit_closer_to_the_surface_with_ncc(scene, monkeypatch: py
 
     monkeypatch.setattr("aceg_model.mapping.refine_depths", recording)
     positions = {}
-    for name, photo in (("sweep", None), ("ncc", PhotoDepthConfig()), ("ncc_near", PhotoDepthConfig(n_wide=0))):
+    for name, photo in (("sweep", None), ("ncc", PhotoDepthConfig(n_wide=None)), ("ncc_near", PhotoDepthConfig(n_wide=0))):
         codes, _, _ = seed_codes(model, cache, 2.0, torch.Generator().manual_seed(0), sweep, photo=photo)
         positions[name] = codes[:, -3:]
     assert torch.equal(compared[0], neighbour_views(cache.T_cam_map_I44, sweep))

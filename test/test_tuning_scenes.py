@@ -95,7 +95,7 @@ def test_seeds_must_be_distinct_and_not_negative(tmp_path: Path) -> None:
 
 def test_sweep_settings_out_of_range_are_refused(tmp_path: Path) -> None:
     for flag, value in (("--sweep-min-baseline", "-0.1"), ("--sweep-wide", "-1"), ("--sweep-wide", "17"),
-                        ("--ncc-wide", "-1")):
+                        ("--ncc-wide", "-2")):
         with pytest.raises(SystemExit):
             tuning_scenes.main(["--json", str(tmp_path / "out.json"), flag, value])
 
